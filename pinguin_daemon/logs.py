@@ -44,4 +44,4 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """A logger bound to a component name."""
-    return structlog.get_logger(name)  # type: ignore[no-any-return]
+    return structlog.get_logger(name)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 # Bump when the generator changes, so cached checkpoints are regenerated.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 MIMI_NAME = "mimi-pytorch-e351c8d8@125.safetensors"
 TOKENIZER_NAME = "tokenizer_en_fr_audio_8000.model"
@@ -153,7 +153,10 @@ def _mimi_weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
         elif leaf == "cluster_usage":
             arr = np.ones(torch_shape, np.float32)
         elif leaf == "embedding_sum":
+            # Rows of equal norm: the nearest code is then picked by direction alone, so every
+            # codebook (not just the later residual ones) follows the audio.
             arr = rng.standard_normal(torch_shape, dtype=np.float32)
+            arr /= np.linalg.norm(arr, axis=1, keepdims=True)
         elif leaf == "bias" and ("norm" in name):
             arr = np.zeros(torch_shape, np.float32)
         elif leaf == "weight" and "norm" in name:

@@ -1,0 +1,168 @@
+"""`pinguin-daemon` command line: serve, download, check-model, synthetic-model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import CHOICES, DEFAULT_MODEL, Config, load_config
+from .errors import UserError
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags that override config settings (later wins: file < env < flags)."""
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML config file (default: $PINGUIN_CONFIG, else built-in defaults)")
+    parser.add_argument("--host")
+    parser.add_argument("--port")
+    parser.add_argument("--model", help="Hugging Face repo id, local directory, or 'synthetic'")
+    parser.add_argument("--dtype", choices=CHOICES["dtype"])
+    parser.add_argument("--quantization", choices=CHOICES["quantization"])
+    parser.add_argument("--max-sessions", dest="max_sessions")
+    parser.add_argument("--temperature")
+    parser.add_argument("--seed")
+    parser.add_argument("--log-format", dest="log_format", choices=CHOICES["log_format"])
+    parser.add_argument("--log-level", dest="log_level", choices=CHOICES["log_level"])
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The one Config for this process, from --config / $PINGUIN_CONFIG, env and flags."""
+    import os
+
+    path = args.config
+    if path is None and os.environ.get("PINGUIN_CONFIG"):
+        path = Path(os.environ["PINGUIN_CONFIG"])
+    names = ("host", "port", "model", "dtype", "quantization", "max_sessions", "temperature",
+             "seed", "log_format", "log_level")
+    return load_config(path, overrides={n: getattr(args, n, None) for n in names})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .logs import configure_logging, get_logger
+
+    cfg = config_from_args(args)
+    configure_logging(cfg.log_format, cfg.log_level)
+    get_logger("cli").error(
+        "serve_not_available",
+        reason="the WebSocket daemon is not built yet (issue 4); the model store and the "
+               "engine can be exercised with `pinguin-daemon check-model` and `make bench-engine`",
+        model=cfg.model,
+    )
+    return 3
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .model.store import download_repo
+
+    files = download_repo(args.repo, args.quantization)
+    print(f"{args.repo}: ready in the Hugging Face cache")
+    for label, path in (("config", files.config_path), ("weights", files.weights_path),
+                        ("tokenizer", files.tokenizer_path), ("mimi", files.mimi_path)):
+        print(f"  {label:<9} {path}")
+    return 0
+
+
+def cmd_synthetic_model(args: argparse.Namespace) -> int:
+    from .model.synthetic import write_synthetic_checkpoint
+
+    start = time.perf_counter()
+    out = write_synthetic_checkpoint(args.dir, context=args.context, seed=args.seed,
+                                     layout=args.layout)
+    print(f"wrote a synthetic {args.layout} checkpoint to {out} in "
+          f"{time.perf_counter() - start:.1f} s (random weights: its transcripts are meaningless)")
+    for path in sorted(out.iterdir()):
+        print(f"  {path.name:<40} {path.stat().st_size / 1e6:8.1f} MB")
+    return 0
+
+
+def cmd_check_model(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .model.loader import FRAME_SAMPLES, load_model
+    from .model.store import resolve
+
+    start = time.perf_counter()
+    files = resolve(args.path, args.quantization)
+    model = load_model(files, args.dtype, args.quantization)
+    load_s = time.perf_counter() - start
+    cfg = model.lm_config
+    print(f"checkpoint      {files.source}{'  (SYNTHETIC: random weights)' if files.synthetic else ''}")
+    print(f"config          {files.config_path}")
+    print(f"weights         {files.weights_path} ({'PyTorch/candle' if model.pytorch_names else 'MLX'} "
+          f"names, file quantization {files.weights_quantized})")
+    print(f"tokenizer       {files.tokenizer_path} ({model.text_tokenizer.vocab_size()} pieces)")
+    print(f"mimi            {files.mimi_path}")
+    print(f"lm              dim {cfg.transformer.d_model}, {cfg.transformer.num_layers} layers, "
+          f"{cfg.transformer.num_heads} heads, context {model.context} steps, "
+          f"{model.parameter_count() / 1e6:.1f} M parameters")
+    print(f"audio           {model.num_codebooks} codebooks, text delay {model.asr_delay_steps} steps "
+          f"({files.asr_delay_seconds:.2f} s)")
+    print(f"end-of-turn     {model.vad_heads} VAD heads" if model.vad_heads else
+          "end-of-turn     no VAD heads (use the -candle checkpoint for end-of-turn detection)")
+    print(f"compute         dtype {model.dtype}, quantization {model.quantization}, "
+          f"loaded in {load_s:.1f} s")
+    # One real frame through Mimi and one LM step: proves the files work together.
+    import mlx.core as mx
+    from moshi_mlx import models, utils
+
+    try:
+        tokenizer = model.make_audio_tokenizer()
+        codes = tokenizer.encode_step(np.zeros((1, 1, FRAME_SAMPLES), np.float32))
+    except Exception as exc:  # rustymimi raises plain exceptions with the tensor name
+        raise UserError(f"Mimi codec {files.mimi_path} cannot be loaded by rustymimi: {exc}") from None
+    gen = models.LmGen(model.lm, max_steps=2, text_sampler=utils.Sampler(temp=0),
+                       audio_sampler=utils.Sampler(temp=0))
+    step_start = time.perf_counter()
+    token = gen.step(mx.array(codes[:, :, 0]).astype(mx.int32))
+    mx.eval(token)
+    print(f"smoke test      1 frame encoded, 1 LM step in "
+          f"{(time.perf_counter() - step_start) * 1000:.0f} ms: OK")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pinguin-daemon",
+                                     description="Real-time speech-to-text server (Kyutai STT, MLX).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the WebSocket daemon")
+    _add_setting_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    download = sub.add_parser("download", help="fetch a checkpoint into the Hugging Face cache")
+    download.add_argument("repo", nargs="?", default=DEFAULT_MODEL)
+    download.add_argument("--quantization", choices=CHOICES["quantization"], default="none")
+    download.set_defaults(func=cmd_download)
+
+    check = sub.add_parser("check-model", help="load a checkpoint and report what it holds")
+    check.add_argument("path", help="local directory, Hugging Face repo id, or 'synthetic'")
+    check.add_argument("--dtype", choices=CHOICES["dtype"], default="bf16")
+    check.add_argument("--quantization", choices=CHOICES["quantization"], default="none")
+    check.set_defaults(func=cmd_check_model)
+
+    synth = sub.add_parser("synthetic-model", help="write a tiny random checkpoint (for tests)")
+    synth.add_argument("dir", type=Path)
+    synth.add_argument("--context", type=int, default=750, help="attention window in steps")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--layout", choices=("mlx", "candle"), default="mlx")
+    synth.set_defaults(func=cmd_synthetic_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except UserError as exc:
+        print(f"pinguin-daemon: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
