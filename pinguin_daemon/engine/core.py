@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,7 +147,3 @@ def sample_top_k(logits: np.ndarray, temperature: float, rng: np.random.Generato
     probs /= probs.sum()
     return int(top[rng.choice(len(top), p=probs)])
 
-
-def sessions_events(per_step: Sequence[dict[str, list[Event]]], session_id: str) -> list[Event]:
-    """All events of one session over several steps (a convenience for tests and the bench)."""
-    return [e for step in per_step for e in step.get(session_id, [])]

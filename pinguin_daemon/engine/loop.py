@@ -1,0 +1,173 @@
+"""The engine thread: the one owner of MLX, from loading to teardown.
+
+Other threads talk to it only through `Engine`'s methods, which put commands on a thread-safe
+inbox; events go back through each session's sink, called on the engine thread (the server
+hands them to its event loop with `loop.call_soon_threadsafe`).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..logs import get_logger
+from ..model.loader import LoadedModel
+from .core import EngineCore
+from .events import Event, SessionClosed
+
+# Called on the engine thread once per step of its session with that step's events (maybe none),
+# and once more with [SessionClosed] when the slot is released.
+Sink = Callable[[list[Event]], None]
+log = get_logger("engine")
+
+# A step slower than one frame (80 ms) cannot keep up with real time: warn about it.
+REALTIME_BUDGET_S = 0.080
+
+
+@dataclass(frozen=True, slots=True)
+class _Join:
+    session_id: str
+    sink: Sink
+
+
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    session_id: str
+    codes: np.ndarray  # (n_q,) audio codes
+
+
+@dataclass(frozen=True, slots=True)
+class _Leave:
+    session_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    pass
+
+
+Command = _Join | _Frame | _Leave | _Stop
+
+
+class Engine:
+    """Runs `EngineCore` on a dedicated thread and admits sessions up to the slot count."""
+
+    def __init__(self, load: Callable[[], LoadedModel], num_slots: int, temperature: float = 0.0,
+                 seed: int = 0) -> None:
+        """Args:
+            load: builds the model; called on the engine thread (MLX stays on one thread).
+            num_slots: concurrent sessions.
+            temperature: sampling temperature (0 = greedy).
+            seed: base seed for sampling.
+        """
+        self._load = load
+        self.num_slots = num_slots
+        self._temperature = temperature
+        self._seed = seed
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        # Admission: taken by open_session (any thread), given back when the engine frees the slot,
+        # so a Join always finds a free slot on the engine thread.
+        self._admission = threading.BoundedSemaphore(num_slots)
+        self._sinks: dict[str, Sink] = {}  # engine thread only
+        self._thread = threading.Thread(target=self._run, name="pinguin-engine", daemon=True)
+        self.ready = threading.Event()  # model loaded and warmed
+        self.failed: BaseException | None = None  # why the thread died, if it did
+        self.model: LoadedModel | None = None
+        self.last_step_ms = 0.0  # duration of the latest batched step
+        self.steps = 0  # batched steps so far
+
+    # ---- any thread -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.failed is None
+
+    def open_session(self, session_id: str, sink: Sink) -> bool:
+        """Reserve a slot for `session_id`; False when every slot is taken."""
+        if not self._admission.acquire(blocking=False):
+            return False
+        self._inbox.put(_Join(session_id, sink))
+        return True
+
+    def submit(self, session_id: str, codes: np.ndarray) -> None:
+        """Queue one encoded frame for the session."""
+        self._inbox.put(_Frame(session_id, codes))
+
+    def close_session(self, session_id: str, reason: str = "closed") -> None:
+        """Release the session's slot before the next step; its sink gets SessionClosed."""
+        self._inbox.put(_Leave(session_id, reason))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._inbox.put(_Stop())
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            started = time.perf_counter()
+            self.model = self._load()
+            core = EngineCore(self.model, self.num_slots, self._temperature, self._seed)
+            core.warmup()
+            log.info("engine_ready", slots=self.num_slots,
+                     load_s=round(time.perf_counter() - started, 2))
+            self.ready.set()
+            self._loop(core)
+        except BaseException as exc:  # noqa: BLE001 - reported through `failed` and the log
+            self.failed = exc
+            log.error("engine_failed", error=repr(exc))
+            raise
+
+    def _apply(self, core: EngineCore, command: Command) -> bool:
+        """Apply one inbox command; False on stop."""
+        if isinstance(command, _Stop):
+            return False
+        if isinstance(command, _Join):
+            core.join(command.session_id)
+            self._sinks[command.session_id] = command.sink
+        elif isinstance(command, _Frame):
+            if command.session_id in core.slot_of:  # frames racing a close are dropped with it
+                core.push(command.session_id, command.codes)
+        elif isinstance(command, _Leave):
+            sink = self._sinks.pop(command.session_id, None)
+            if command.session_id in core.slot_of:
+                core.leave(command.session_id)
+                self._admission.release()
+            if sink is not None:
+                sink([SessionClosed(command.reason)])
+        return True
+
+    def _loop(self, core: EngineCore) -> None:
+        while True:
+            # Block only when no slot has work; then take everything that has arrived, so aborts
+            # and joins apply before the next step and every ready slot joins the batch.
+            block = core.plan() is None
+            try:
+                command = self._inbox.get(block=block)
+                while True:
+                    if not self._apply(core, command):
+                        return
+                    command = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            plan = core.plan()
+            if plan is None:
+                continue
+            started = time.perf_counter()
+            events = core.update(plan, core.run(plan))
+            self.last_step_ms = (time.perf_counter() - started) * 1000
+            self.steps += 1
+            if self.last_step_ms > REALTIME_BUDGET_S * 1000:
+                log.warning("slow_step", ms=round(self.last_step_ms, 1), rows=len(plan.slots))
+            for session_id, evs in events.items():
+                sink = self._sinks.get(session_id)
+                if sink is not None:
+                    sink(evs)  # once per step of the session, even when empty: a frame was consumed
