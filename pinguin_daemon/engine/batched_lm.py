@@ -103,7 +103,10 @@ class BatchedLm:
         all_slots = batch == self.num_slots  # slots are ascending and distinct: 0..S-1
         cells = positions % self.cells
         self.cell_pos[slots, cells] = positions
-        valid = self.cell_pos[slots] >= 0
+        # Until a ring wraps, cells past the highest position are empty for every row: attend to
+        # the filled prefix only (dropping fully masked keys leaves the result bit-identical).
+        span = int(min(self.cells, positions.max() + 1))
+        valid = self.cell_pos[slots, :span] >= 0
         mask = mx.array(np.where(valid, 0.0, -np.inf)[:, None, None, :]).astype(self.dtype)
         slot_idx = mx.array(slots.astype(np.int32))
         cell_idx = mx.array(cells.astype(np.int32))
@@ -131,6 +134,8 @@ class BatchedLm:
                 k_rows, v_rows = keys, values
             else:
                 k_rows, v_rows = keys[slot_idx], values[slot_idx]
+            if span < self.cells:
+                k_rows, v_rows = k_rows[:, :, :span], v_rows[:, :, :span]
             out = mx.fast.scaled_dot_product_attention(q, k_rows, v_rows, scale=attn.scale, mask=mask)
             out = attn.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, 1, -1))
             xs = xs + layer.layer_scale_1(out)

@@ -37,14 +37,16 @@ PAD_BIAS = 0.75
 WORD_BOUNDARY_BIAS = 0.62
 
 
-def tiny_lm_config(context: int = 750) -> dict[str, object]:
+def tiny_lm_config(context: int = 750, dim: int = 256, num_layers: int = 2,
+                   num_heads: int = 4) -> dict[str, object]:
     """The tiny STT config (22 M parameters, most of them embeddings) in Kyutai's format.
 
     Args:
         context: attention window in steps; tests make it small so streams wrap cheaply.
+        dim, num_layers, num_heads: the transformer's shape (the benchmark also uses a larger one).
     """
     return {
-        "dim": 256, "num_heads": 4, "num_layers": 2, "hidden_scale": 4.125,
+        "dim": dim, "num_heads": num_heads, "num_layers": num_layers, "hidden_scale": 4.125,
         "context": context, "max_period": 100000.0, "n_q": 32, "card": 2048,
         "text_card": TEXT_CARD, "existing_text_padding_id": 3, "causal": True,
         "layer_scale": None, "gating": "silu", "norm": "rms_norm_f32",
@@ -197,7 +199,8 @@ def _tokenizer_proto(rng: np.random.Generator) -> bytes:
 
 
 def write_synthetic_checkpoint(
-    out_dir: Path, *, context: int = 750, seed: int = 0, layout: str = "mlx"
+    out_dir: Path, *, context: int = 750, seed: int = 0, layout: str = "mlx",
+    dim: int = 256, num_layers: int = 2, num_heads: int = 4,
 ) -> Path:
     """Write a synthetic checkpoint directory and return it.
 
@@ -208,6 +211,7 @@ def write_synthetic_checkpoint(
         layout: "mlx" (MLX-named `model.safetensors` plus `model.q8`/`model.q4` variants, as in
             `kyutai/stt-1b-en_fr-mlx`) or "candle" (PyTorch-named `model.safetensors`, as in
             `kyutai/stt-1b-en_fr-candle`). Both hold the same weights for the same seed.
+        dim, num_layers, num_heads: transformer shape (default: the tiny config).
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -218,7 +222,7 @@ def write_synthetic_checkpoint(
     if layout not in ("mlx", "candle"):
         raise ValueError(f"layout must be 'mlx' or 'candle', got {layout!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = tiny_lm_config(context)
+    config = tiny_lm_config(context, dim, num_layers, num_heads)
     rng = np.random.default_rng(seed)
     weights = _lm_weights(config, np.random.default_rng([seed, 1]))
     if layout == "candle":
@@ -240,15 +244,18 @@ def write_synthetic_checkpoint(
 
 
 def cached_synthetic_checkpoint(
-    cache_root: Path, *, context: int = 750, seed: int = 0, layout: str = "mlx"
+    cache_root: Path, *, context: int = 750, seed: int = 0, layout: str = "mlx",
+    dim: int = 256, num_layers: int = 2, num_heads: int = 4,
 ) -> Path:
     """The synthetic checkpoint for these parameters, generated once under `cache_root`.
 
     A `complete` marker is written last, so an interrupted generation is redone.
     """
-    target = cache_root / f"synthetic-v{GENERATOR_VERSION}-{layout}-ctx{context}-seed{seed}"
+    shape = "" if (dim, num_layers, num_heads) == (256, 2, 4) else f"-d{dim}l{num_layers}h{num_heads}"
+    target = cache_root / f"synthetic-v{GENERATOR_VERSION}-{layout}-ctx{context}-seed{seed}{shape}"
     marker = target / ".complete"
     if not marker.exists():
-        write_synthetic_checkpoint(target, context=context, seed=seed, layout=layout)
+        write_synthetic_checkpoint(target, context=context, seed=seed, layout=layout, dim=dim,
+                                   num_layers=num_layers, num_heads=num_heads)
         marker.write_text("ok\n")
     return target
