@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 from .config import CHOICES, DEFAULT_MODEL, Config, load_config
@@ -13,45 +15,29 @@ from .errors import UserError
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags that override config settings (later wins: file < env < flags)."""
+    """One flag per config setting (later wins: file < env < flags)."""
     parser.add_argument("--config", type=Path, default=None,
                         help="TOML config file (default: $PINGUIN_CONFIG, else built-in defaults)")
-    parser.add_argument("--host")
-    parser.add_argument("--port")
-    parser.add_argument("--model", help="Hugging Face repo id, local directory, or 'synthetic'")
-    parser.add_argument("--dtype", choices=CHOICES["dtype"])
-    parser.add_argument("--quantization", choices=CHOICES["quantization"])
-    parser.add_argument("--max-sessions", dest="max_sessions")
-    parser.add_argument("--temperature")
-    parser.add_argument("--seed")
-    parser.add_argument("--log-format", dest="log_format", choices=CHOICES["log_format"])
-    parser.add_argument("--log-level", dest="log_level", choices=CHOICES["log_level"])
+    for field in fields(Config):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
+                            choices=CHOICES.get(field.name), help=f"overrides '{field.name}'")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The one Config for this process, from --config / $PINGUIN_CONFIG, env and flags."""
-    import os
-
     path = args.config
     if path is None and os.environ.get("PINGUIN_CONFIG"):
         path = Path(os.environ["PINGUIN_CONFIG"])
-    names = ("host", "port", "model", "dtype", "quantization", "max_sessions", "temperature",
-             "seed", "log_format", "log_level")
-    return load_config(path, overrides={n: getattr(args, n, None) for n in names})
+    return load_config(path, overrides={f.name: getattr(args, f.name, None) for f in fields(Config)})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .logs import configure_logging, get_logger
+    from .logs import configure_logging
+    from .server.app import serve_forever
 
     cfg = config_from_args(args)
     configure_logging(cfg.log_format, cfg.log_level)
-    get_logger("cli").error(
-        "serve_not_available",
-        reason="the WebSocket daemon is not built yet (issue 4); the model store and the "
-               "engine can be exercised with `pinguin-daemon check-model` and `make bench-engine`",
-        model=cfg.model,
-    )
-    return 3
+    return serve_forever(cfg)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -123,6 +109,12 @@ def cmd_check_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from .client import cmd_transcribe as transcribe
+
+    return transcribe(args.file, args.url, args.realtime, args.chunk)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pinguin-daemon",
                                      description="Real-time speech-to-text server (Kyutai STT, MLX).")
@@ -131,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the WebSocket daemon")
     _add_setting_flags(serve)
     serve.set_defaults(func=cmd_serve)
+
+    transcribe = sub.add_parser("transcribe", help="stream a WAV file to a running daemon, print the text")
+    transcribe.add_argument("file", type=Path)
+    transcribe.add_argument("--url", default="ws://127.0.0.1:8000/ws")
+    transcribe.add_argument("--realtime", action="store_true", help="pace audio like a microphone")
+    transcribe.add_argument("--chunk", type=int, default=2400, help="samples per message (iOS: 2400)")
+    transcribe.set_defaults(func=cmd_transcribe)
 
     download = sub.add_parser("download", help="fetch a checkpoint into the Hugging Face cache")
     download.add_argument("repo", nargs="?", default=DEFAULT_MODEL)

@@ -14,6 +14,9 @@ from .errors import UserError
 
 DEFAULT_MODEL = "kyutai/stt-1b-en_fr-mlx"
 ENV_PREFIX = "PINGUIN_"
+# PINGUIN_* variables that are not settings: the config file path, where generated data goes,
+# and the test suite's cache.
+ENV_NOT_SETTINGS = frozenset({"PINGUIN_CONFIG", "PINGUIN_CACHE_DIR", "PINGUIN_TEST_CACHE"})
 
 # Allowed values for the settings that are enumerations.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -38,6 +41,9 @@ class Config:
     seed: int = 299792458
     log_format: str = "auto"
     log_level: str = "info"
+    max_message_bytes: int = 1 << 20
+    encoder_threads: int = 0
+    shutdown_timeout: float = 10.0
 
 
 def _convert(key: str, raw: Any, source: str) -> Any:
@@ -76,6 +82,12 @@ def _convert(key: str, raw: Any, source: str) -> Any:
         raise UserError(f"setting 'port' in {source} must be between 0 and 65535, got {value}")
     if key == "max_sessions" and not 1 <= value <= 256:
         raise UserError(f"setting 'max_sessions' in {source} must be between 1 and 256, got {value}")
+    if key == "max_message_bytes" and value < 4:
+        raise UserError(f"setting 'max_message_bytes' in {source} must be at least 4, got {value}")
+    if key == "encoder_threads" and not 0 <= value <= 64:
+        raise UserError(f"setting 'encoder_threads' in {source} must be between 0 and 64, got {value}")
+    if key == "shutdown_timeout" and not 0 < value <= 300:
+        raise UserError(f"setting 'shutdown_timeout' in {source} must be in (0, 300] seconds, got {value}")
     if key == "temperature" and value < 0:
         raise UserError(f"setting 'temperature' in {source} must be >= 0, got {value}")
     return value
@@ -101,7 +113,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     known = {f.name for f in fields(Config)}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_SETTINGS:
             continue
         key = name[len(ENV_PREFIX):].lower()
         if key not in known:

@@ -40,6 +40,8 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    # websockets logs every HTTP request and close at INFO; the daemon logs sessions itself.
+    logging.getLogger("websockets").setLevel(max(numeric, logging.WARNING))
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
 from ..logs import get_logger
 from ..model.loader import LoadedModel
 from .core import EngineCore
@@ -123,8 +124,10 @@ class Engine:
             self._loop(core)
         except BaseException as exc:  # noqa: BLE001 - reported through `failed` and the log
             self.failed = exc
-            log.error("engine_failed", error=repr(exc))
-            raise
+            if isinstance(exc, UserError):
+                log.error("engine_failed", error=str(exc))
+            else:
+                log.exception("engine_failed")
 
     def _apply(self, core: EngineCore, command: Command) -> bool:
         """Apply one inbox command; False on stop."""

@@ -1,0 +1,1 @@
+"""The WebSocket daemon: listener, sessions, fan-out, health, shutdown."""

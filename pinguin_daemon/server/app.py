@@ -1,0 +1,248 @@
+"""The daemon: loads the model, then listens; routes /ws, /healthz, /readyz; shuts down in order.
+
+Lifecycle (a small state machine; a signal only changes the state):
+    starting -> serving -> draining -> stopped
+- starting: the engine thread loads and warms the model; the port is not open yet.
+- serving: sessions are admitted up to max_sessions; one more is refused with 1013.
+- draining (SIGTERM/SIGINT): the listener closes; each open session gets its last words and a
+  1001; after shutdown_timeout the rest are cut. Exit 0.
+If the engine thread dies, sessions are closed with 1011 and the daemon exits 1 (launchd restarts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from http import HTTPStatus
+from urllib.parse import urlsplit
+
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from ..audio.encoder import EncoderPool
+from ..config import Config
+from ..engine.loop import Engine
+from ..errors import UserError
+from ..logs import get_logger
+from ..model.loader import LoadedModel, load_model
+from ..model.store import resolve
+from .protocol import HEALTH_PATH, READY_PATH, WS_PATH, Close
+from .session import Session
+
+log = get_logger("daemon")
+
+# Incoming messages websockets buffers per connection before it stops reading the socket.
+MAX_QUEUE = 16
+# Outgoing bytes buffered per connection before send() waits for the client to read.
+WRITE_LIMIT = 64 * 1024
+
+
+def lan_addresses() -> list[str]:
+    """IPv4 addresses of this machine other than loopback (what to type in the iOS app)."""
+    found: set[str] = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.add(str(info[4][0]))
+    except OSError:
+        pass
+    return sorted(a for a in found if not a.startswith("127."))
+
+
+class Daemon:
+    """Owns the listener, the session records and the shutdown; the engine owns the model."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.engine = Engine(self._load_model, cfg.max_sessions, cfg.temperature, cfg.seed)
+        self.encoders: EncoderPool | None = None
+        self.sessions: dict[str, Session] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}  # handler task per session
+        self.state = "starting"
+        self.stop_requested = asyncio.Event()
+        self.stopping = asyncio.Event()  # tells sessions to finish
+        self.refused = 0
+        self._ids = itertools.count(1)
+        self.port = 0
+
+    def _load_model(self) -> LoadedModel:
+        """Runs on the engine thread."""
+        files = resolve(self.cfg.model, self.cfg.quantization)
+        return load_model(files, self.cfg.dtype, self.cfg.quantization)
+
+    def request_stop(self) -> None:
+        """Signal handler: only changes state."""
+        if not self.stop_requested.is_set():
+            log.info("shutdown_requested", sessions=len(self.sessions))
+        self.stop_requested.set()
+
+    # ---- HTTP side ----------------------------------------------------------------------------
+    def _json(self, connection: ServerConnection, status: int, body: dict[str, object]) -> Response:
+        response = connection.respond(status, json.dumps(body) + "\n")
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = "application/json"
+        return response
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == HEALTH_PATH:
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        ready = self.state == "serving" and self.engine.alive
+        if path == READY_PATH:
+            return self._json(connection, HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, {
+                "ready": ready, "state": self.state, "engine_alive": self.engine.alive,
+                "sessions": len(self.sessions),
+                "free_slots": max(0, self.cfg.max_sessions - len(self.sessions)),
+                "model": self.cfg.model,
+            })
+        if path != WS_PATH:
+            return connection.respond(HTTPStatus.NOT_FOUND,
+                                      f"unknown path {path}: stream audio to {WS_PATH}\n")
+        if not ready:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"daemon is {self.state}\n")
+        return None
+
+    # ---- sessions -----------------------------------------------------------------------------
+    async def handler(self, ws: ServerConnection) -> None:
+        assert self.encoders is not None and self.engine.model is not None
+        session_id = f"{next(self._ids):05d}-{secrets.token_hex(3)}"
+        bound = log.bind(session_id=session_id, peer=str(ws.remote_address[0]) if ws.remote_address else "")
+        session = Session(ws, session_id, self.engine, self.encoders,
+                          self.engine.model.asr_delay_steps, self.stopping)
+        if self.state != "serving" or not self.engine.open_session(session_id, session.sink):
+            self.refused += 1
+            reason = f"server full: all {self.cfg.max_sessions} slots are busy, try again later"
+            bound.warning("session_refused", reason=reason)
+            await ws.close(Close.TRY_AGAIN, reason)
+            return
+        self.sessions[session_id] = session
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks[session_id] = task
+        bound.info("session_opened", sessions=len(self.sessions))
+        code, reason = int(Close.INTERNAL), "internal error"
+        try:
+            code, reason = await session.run()
+        except asyncio.CancelledError:
+            code, reason = int(Close.INTERNAL), "session cancelled"
+            raise
+        except Exception:
+            bound.exception("session_failed")
+            await ws.close(Close.INTERNAL, "internal error")
+        finally:
+            await session.release()
+            self.sessions.pop(session_id, None)
+            self.tasks.pop(session_id, None)
+            level = logging.INFO if code in (Close.NORMAL, Close.GOING_AWAY, 1000, 1001) else logging.WARNING
+            bound.log(level, "session_closed", code=int(code), reason=reason, **session.summary())
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def _wait_engine_ready(self) -> LoadedModel:
+        loop = asyncio.get_running_loop()
+        while not await loop.run_in_executor(None, self.engine.ready.wait, 0.2):
+            if self.engine.failed is not None or not self.engine.alive:
+                failure = self.engine.failed
+                if isinstance(failure, UserError):
+                    raise failure
+                raise RuntimeError(f"the inference engine failed to start: {failure!r}")
+        assert self.engine.model is not None
+        return self.engine.model
+
+    async def _engine_watch(self) -> None:
+        while self.engine.alive:
+            await asyncio.sleep(0.5)
+
+    async def run(self) -> int:
+        """Start, serve until a signal or an engine failure, drain, stop. Returns the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        started = time.perf_counter()
+        self.engine.start()
+        try:
+            model = await self._wait_engine_ready()
+            threads = self.cfg.encoder_threads or min(self.cfg.max_sessions, os.cpu_count() or 1)
+            self.encoders = EncoderPool(model.make_audio_tokenizer, self.cfg.max_sessions, threads)
+            try:
+                await loop.run_in_executor(self.encoders.executor, self.encoders.preload)
+            except Exception as exc:  # rustymimi reports bad files with plain exceptions
+                raise UserError(f"Mimi codec {model.files.mimi_path} cannot be loaded: {exc}") from None
+            async with serve(self.handler, self.cfg.host, self.cfg.port,
+                             process_request=self.process_request,
+                             max_size=self.cfg.max_message_bytes, max_queue=MAX_QUEUE,
+                             write_limit=WRITE_LIMIT, compression=None,
+                             logger=logging.getLogger("websockets")) as server:
+                self.port = int(server.sockets[0].getsockname()[1])
+                self._log_listening(model, threads, time.perf_counter() - started)
+                self.state = "serving"
+                return await self._serve_until_stop(server)
+        finally:
+            self.engine.stop()
+            if self.encoders is not None:
+                self.encoders.shutdown()
+            self.state = "stopped"
+
+    def _log_listening(self, model: LoadedModel, threads: int, startup_s: float) -> None:
+        host = self.cfg.host
+        hosts = lan_addresses() if host in ("0.0.0.0", "::", "") else [host]
+        urls = [f"ws://{h}:{self.port}{WS_PATH}" for h in hosts] or [f"ws://127.0.0.1:{self.port}{WS_PATH}"]
+        for h in hosts:
+            log.info(f"Local network address: http://{h}:{self.port}")
+        log.info("listening", host=host, port=self.port, urls=urls, model=model.files.source,
+                 dtype=model.dtype, quantization=model.quantization, slots=self.cfg.max_sessions,
+                 vad_heads=model.vad_heads, delay_s=model.files.asr_delay_seconds,
+                 encoder_threads=threads, encoder_memory="~450 MB per active session (rustymimi)",
+                 startup_s=round(startup_s, 2))
+        if model.files.synthetic:
+            log.warning("synthetic_model", note="serving a synthetic model with random weights: "
+                        "transcripts are meaningless; set 'model' to kyutai/stt-1b-en_fr-mlx")
+
+    async def _serve_until_stop(self, server: Server) -> int:
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        watch = asyncio.ensure_future(self._engine_watch())
+        await asyncio.wait({stop, watch}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        watch.cancel()
+        if not self.engine.alive:
+            self.state = "failed"
+            log.error("engine_died", error=repr(self.engine.failed), sessions=len(self.sessions))
+            for sid, session in list(self.sessions.items()):
+                await session.ws.close(Close.INTERNAL, "inference engine stopped; try again later")
+                task = self.tasks.get(sid)
+                if task is not None:
+                    task.cancel()
+            server.close()
+            await server.wait_closed()
+            return 1
+        self.state = "draining"
+        server.close(close_connections=False)  # stop accepting; open sessions carry on
+        self.stopping.set()
+        deadline = time.monotonic() + self.cfg.shutdown_timeout
+        while self.tasks and time.monotonic() < deadline:
+            await asyncio.wait(list(self.tasks.values()), timeout=deadline - time.monotonic())
+        for sid, session in list(self.sessions.items()):
+            log.warning("shutdown_deadline", session_id=sid)
+            await session.ws.close(Close.GOING_AWAY, "server shutting down")
+            task = self.tasks.get(sid)
+            if task is not None:
+                task.cancel()
+        server.close()
+        await server.wait_closed()
+        log.info("stopped", refused=self.refused)
+        return 0
+
+
+def serve_forever(cfg: Config) -> int:
+    """Run the daemon on uvloop; returns the process exit code."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        with structlog.contextvars.bound_contextvars(pid=os.getpid()):
+            return runner.run(Daemon(cfg).run())
