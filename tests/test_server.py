@@ -192,3 +192,21 @@ def test_sigterm_flushes_sessions_and_exits_zero(synthetic_dir: Path, ref_model:
         assert proc.events("stopped")
     finally:
         proc.stop()
+
+
+def test_transcribe_command_streams_a_wav_file(daemon: DaemonProcess, ref_model: loader.LoadedModel,
+                                               tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from pinguin_daemon.client import read_wav
+
+    wav = tmp_path / "hello.wav"  # espeak-ng writes 22.05 kHz 16-bit PCM: resampled by the client
+    subprocess.run(["espeak-ng", "-w", str(wav), "turn on the kitchen lights"], check=True)
+    proc = subprocess.run([sys.executable, "-m", "pinguin_daemon", "transcribe", str(wav),
+                           "--url", daemon.url], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip("\n") == reference_text(ref_model, read_wav(wav))
+    missing = subprocess.run([sys.executable, "-m", "pinguin_daemon", "transcribe",
+                              str(tmp_path / "nope.wav")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
