@@ -44,6 +44,10 @@ class Config:
     max_message_bytes: int = 1 << 20
     encoder_threads: int = 0
     shutdown_timeout: float = 10.0
+    auth_tokens: tuple[str, ...] = ()
+    eot_head: int = 1
+    eot_threshold: float = 0.5
+    vad_interval: int = 0
 
 
 def _convert(key: str, raw: Any, source: str) -> Any:
@@ -58,10 +62,15 @@ def _convert(key: str, raw: Any, source: str) -> Any:
     kind = type(getattr(Config(), key))
     from_text = isinstance(raw, str) and kind is not str
     try:
-        if kind is int:
+        if kind is tuple:  # a TOML array of strings, or "a,b" from the environment / a flag
+            items = raw.split(",") if isinstance(raw, str) else raw
+            if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+                raise TypeError
+            value: Any = tuple(i.strip() for i in items if i.strip())
+        elif kind is int:
             if isinstance(raw, bool) or not (isinstance(raw, int) or from_text):
                 raise TypeError
-            value: Any = int(raw)
+            value = int(raw)
         elif kind is float:
             if isinstance(raw, bool) or not (isinstance(raw, int | float) or from_text):
                 raise TypeError
@@ -71,9 +80,8 @@ def _convert(key: str, raw: Any, source: str) -> Any:
                 raise TypeError
             value = raw
     except (TypeError, ValueError):
-        raise UserError(
-            f"setting '{key}' in {source} must be {kind.__name__}, got {raw!r}"
-        ) from None
+        what = "a list of strings" if kind is tuple else kind.__name__
+        raise UserError(f"setting '{key}' in {source} must be {what}, got {raw!r}") from None
     if key in CHOICES and value not in CHOICES[key]:
         raise UserError(
             f"setting '{key}' in {source} must be one of {', '.join(CHOICES[key])}, got {value!r}"
@@ -88,6 +96,12 @@ def _convert(key: str, raw: Any, source: str) -> Any:
         raise UserError(f"setting 'encoder_threads' in {source} must be between 0 and 64, got {value}")
     if key == "shutdown_timeout" and not 0 < value <= 300:
         raise UserError(f"setting 'shutdown_timeout' in {source} must be in (0, 300] seconds, got {value}")
+    if key == "eot_head" and not 0 <= value <= 15:
+        raise UserError(f"setting 'eot_head' in {source} must be a VAD head index (0-3), got {value}")
+    if key == "eot_threshold" and not 0 < value < 1:
+        raise UserError(f"setting 'eot_threshold' in {source} must be between 0 and 1, got {value}")
+    if key == "vad_interval" and not 0 <= value <= 1000:
+        raise UserError(f"setting 'vad_interval' in {source} must be 0 (off) or a step count, got {value}")
     if key == "temperature" and value < 0:
         raise UserError(f"setting 'temperature' in {source} must be >= 0, got {value}")
     return value

@@ -12,8 +12,9 @@ import time
 
 import numpy as np
 
+from pinguin_daemon.engine.events import Word, WordEnd
 from pinguin_daemon.engine.reference import reference_run
-from pinguin_daemon.engine.words import SPECIAL_TOKENS, WORD_MARKER
+from pinguin_daemon.engine.words import SPECIAL_TOKENS, WORD_MARKER, WordDecoder
 from pinguin_daemon.model import loader
 from pinguin_daemon.server.session import FLUSH_EXTRA_FRAMES
 
@@ -78,14 +79,39 @@ class DaemonProcess:
             self.proc.wait(10)
 
 
-def reference_text(model: loader.LoadedModel, pcm: np.ndarray) -> str:
-    """What /ws must send for `pcm` alone: Kyutai's reference on the same frames the daemon
-    encodes (the partial last frame zero-padded, then the flush's silence)."""
+def flushed_audio(pcm: np.ndarray, model: loader.LoadedModel) -> np.ndarray:
+    """The samples the daemon encodes for `pcm` followed by a flush: the partial last frame
+    zero-padded, then the model's delay (plus margin) of silence."""
     frames = -(-len(pcm) // FRAME)
     padded = np.zeros((frames + model.asr_delay_steps + FLUSH_EXTRA_FRAMES) * FRAME, np.float32)
     padded[: len(pcm)] = pcm
+    return padded
+
+
+def reference_tokens(model: loader.LoadedModel, samples: np.ndarray) -> list[int]:
+    """Kyutai's reference (fresh Mimi, LmGen alone, greedy) on whole frames of samples."""
     tokenizer = model.make_audio_tokenizer()
-    codes = tokenizer.encode_step(padded[None, None])[0].T.astype(np.int64)
-    tokens = reference_run(model, codes).tokens
+    codes = tokenizer.encode_step(samples[None, None])[0].T.astype(np.int64)
+    return reference_run(model, codes).tokens
+
+
+def reference_words(model: loader.LoadedModel, tokens: list[int]) -> list[tuple[str, str, float]]:
+    """Kyutai's word rule on tokens: ("word", text, start) and ("word_end", "", stop) in order."""
+    tok = model.text_tokenizer
+    decoder = WordDecoder(model.asr_delay_steps, tok.id_to_piece, lambda ids: tok.decode(list(ids)))
+    out: list[tuple[str, str, float]] = []
+    for token in tokens:
+        for event in decoder.feed(token):
+            if isinstance(event, Word):
+                out.append(("word", event.text, round(event.start_time, 3)))
+            elif isinstance(event, WordEnd):
+                out.append(("word_end", "", round(event.stop_time, 3)))
+    return out
+
+
+def reference_text(model: loader.LoadedModel, pcm: np.ndarray) -> str:
+    """What /ws must send for `pcm` alone: Kyutai's reference on the same frames the daemon
+    encodes (the partial last frame zero-padded, then the flush's silence)."""
+    tokens = reference_tokens(model, flushed_audio(pcm, model))
     pieces = [model.text_tokenizer.id_to_piece(t) for t in tokens if t not in SPECIAL_TOKENS]
     return "".join(pieces).replace(WORD_MARKER, " ")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from pinguin_daemon.engine.events import TextPiece
+from pinguin_daemon.server.protocols import SeedProtocol, SessionInfo
 from pinguin_daemon.server.session import MAX_UNSENT_TEXT_BYTES, Session
 
 
@@ -28,8 +29,9 @@ def piece(text: str) -> TextPiece:
 def test_slow_reader_gets_merged_text_then_is_cut_off() -> None:
     async def scenario() -> tuple[list[str], bool, bool]:
         ws = GatedSocket()
-        session = Session(ws, "s", engine=None, encoders=None, delay_steps=6,  # type: ignore[arg-type]
-                          stopping=asyncio.Event())
+        info = SessionInfo("s", "synthetic", 0.5, 6, 0, 1, 0.5, 0)
+        session = Session(ws, "s", engine=None, encoders=None,  # type: ignore[arg-type]
+                          protocol=SeedProtocol(info), stopping=asyncio.Event())
         sender = asyncio.create_task(session._send_loop())
         session._deliver([piece(" hel")])
         await asyncio.sleep(0.01)  # the sender is now stuck in send(" hel")

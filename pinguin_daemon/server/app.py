@@ -12,6 +12,7 @@ If the engine thread dies, sessions are closed with 1011 and the daemon exits 1 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import json
 import logging
@@ -21,7 +22,7 @@ import signal
 import socket
 import time
 from http import HTTPStatus
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -35,6 +36,7 @@ from ..logs import get_logger
 from ..model.loader import LoadedModel, load_model
 from ..model.store import resolve
 from .protocol import HEALTH_PATH, READY_PATH, WS_PATH, Close
+from .protocols import PROTOCOLS, SessionInfo
 from .session import Session
 
 log = get_logger("daemon")
@@ -90,10 +92,29 @@ class Daemon:
         response.headers["Content-Type"] = "application/json"
         return response
 
+    def _authorized(self, request: Request) -> bool:
+        """A configured token in the kyutai-api-key header, a Bearer token, or ?token= / ?auth_id=."""
+        tokens = self.cfg.auth_tokens
+        if not tokens:
+            return True
+        offered = [request.headers.get("kyutai-api-key", "")]
+        bearer = request.headers.get("Authorization", "")
+        if bearer.lower().startswith("bearer "):
+            offered.append(bearer[7:].strip())
+        query = parse_qs(urlsplit(request.path).query)
+        offered += query.get("token", []) + query.get("auth_id", [])
+        return any(hmac.compare_digest(o.encode(), t.encode()) for o in offered if o for t in tokens)
+
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
-        if path == HEALTH_PATH:
+        if path == HEALTH_PATH:  # liveness carries no data: open even with auth_tokens
             return connection.respond(HTTPStatus.OK, "ok\n")
+        if not self._authorized(request):
+            # Logged without the token or the query string.
+            log.warning("unauthorized", path=path, peer=str(connection.remote_address[0])
+                        if connection.remote_address else "")
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send it in "
+                                      "the kyutai-api-key header, as Authorization: Bearer, or ?token=\n")
         ready = self.state == "serving" and self.engine.alive
         if path == READY_PATH:
             return self._json(connection, HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, {
@@ -102,9 +123,9 @@ class Daemon:
                 "free_slots": max(0, self.cfg.max_sessions - len(self.sessions)),
                 "model": self.cfg.model,
             })
-        if path != WS_PATH:
-            return connection.respond(HTTPStatus.NOT_FOUND,
-                                      f"unknown path {path}: stream audio to {WS_PATH}\n")
+        if path not in PROTOCOLS:
+            return connection.respond(HTTPStatus.NOT_FOUND, f"unknown path {path}: stream audio to "
+                                      f"{', '.join(PROTOCOLS)}\n")
         if not ready:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"daemon is {self.state}\n")
         return None
@@ -114,8 +135,12 @@ class Daemon:
         assert self.encoders is not None and self.engine.model is not None
         session_id = f"{next(self._ids):05d}-{secrets.token_hex(3)}"
         bound = log.bind(session_id=session_id, peer=str(ws.remote_address[0]) if ws.remote_address else "")
-        session = Session(ws, session_id, self.engine, self.encoders,
-                          self.engine.model.asr_delay_steps, self.stopping)
+        model = self.engine.model
+        info = SessionInfo(session_id, self.cfg.model, model.files.asr_delay_seconds,
+                           model.asr_delay_steps, model.vad_heads, self.cfg.eot_head,
+                           self.cfg.eot_threshold, self.cfg.vad_interval)
+        protocol = PROTOCOLS[urlsplit(ws.request.path).path](info)  # type: ignore[union-attr]
+        session = Session(ws, session_id, self.engine, self.encoders, protocol, self.stopping)
         if self.state != "serving" or not self.engine.open_session(session_id, session.sink):
             self.refused += 1
             reason = f"server full: all {self.cfg.max_sessions} slots are busy, try again later"

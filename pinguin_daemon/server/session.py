@@ -1,9 +1,7 @@
-"""One /ws connection: socket -> frames -> Mimi -> engine, and engine events -> socket.
+"""One streaming connection: socket -> frames -> Mimi -> engine, and engine events -> socket.
 
-The seed's protocol: binary messages of raw little-endian float32 24 kHz mono samples, any
-length; text messages back, each a piece of transcript the client appends as is. An empty
-binary message (which the seed's client never sends) means "end of audio": the daemon flushes
-the model's delay, sends the last words, and closes with 1000.
+The session does the I/O and the flow control; its `Protocol` (protocols.py) says what the
+messages mean for its endpoint.
 """
 
 from __future__ import annotations
@@ -17,17 +15,18 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from ..audio.encoder import EncoderPool
-from ..audio.pcm import BadAudio, Reframer, decode_f32le
-from ..engine.events import Event, SessionClosed, TextPiece
+from ..audio.pcm import Reframer
+from ..engine.events import Event, SessionClosed
 from ..engine.loop import Engine
 from ..logs import get_logger
 from ..model.loader import FRAME_SAMPLES, SAMPLE_RATE
 from .protocol import Close
+from .protocols import AudioIn, FinishIn, FlushIn, MarkerIn, Protocol, Reject, Reply
 
 # Frames handed to the engine and not yet stepped, per session. Past this the session stops
 # reading its socket, so a client sending faster than real time is slowed by TCP, not dropped.
 MAX_FRAMES_IN_FLIGHT = 4
-# Transcript text not yet written to a client that does not read; past it the session is closed.
+# Outgoing bytes not yet written to a client that does not read; past it the session is closed.
 MAX_UNSENT_TEXT_BYTES = 64 * 1024
 # Silence frames fed after the last audio beyond the model's delay: one for the input lag of one
 # step, one for margin.
@@ -40,12 +39,13 @@ class Session:
     """State and tasks of one streaming connection. Lives on the event loop."""
 
     def __init__(self, ws: ServerConnection, session_id: str, engine: Engine, encoders: EncoderPool,
-                 delay_steps: int, stopping: asyncio.Event) -> None:
+                 protocol: Protocol, stopping: asyncio.Event) -> None:
         self.ws = ws
         self.id = session_id
         self.engine = engine
         self.encoders = encoders
-        self.flush_frames = delay_steps + FLUSH_EXTRA_FRAMES
+        self.protocol = protocol
+        self.flush_frames = protocol.info.delay_steps + FLUSH_EXTRA_FRAMES
         self.stopping = stopping  # set when the daemon shuts down
         self.loop = asyncio.get_running_loop()
         self.reframer = Reframer()
@@ -53,13 +53,13 @@ class Session:
         self.submitted = 0  # frames handed to the engine
         self.stepped = 0  # frames the engine has consumed
         self.advanced = asyncio.Event()  # set whenever the engine steps this session
-        self.engine_released = asyncio.Event()  # the engine freed the slot
-        self.unsent: list[str] = []  # text pieces waiting for the socket (merged when sent)
+        self.outbox: list[Any] = []  # protocol items waiting for the socket
         self.unsent_bytes = 0
-        self.text_ready = asyncio.Event()  # unsent text is waiting
-        self.too_slow = asyncio.Event()  # unsent text passed its bound: the client is not reading
+        self.outbox_ready = asyncio.Event()
+        self.too_slow = asyncio.Event()  # unsent output passed its bound: the client is not reading
+        self.markers: list[tuple[int, int]] = []  # (step that answers it, marker id), in order
         self._encoding: asyncio.Future[np.ndarray] | None = None  # the encode running in a worker
-        self.sent_chars = 0
+        self.sent_messages = 0
         self.max_lag = 0  # most frames in flight seen
         self.started = time.monotonic()
         self.log = log.bind(session_id=session_id)
@@ -71,16 +71,18 @@ class Session:
 
     def _deliver(self, events: list[Event]) -> None:
         if events and isinstance(events[-1], SessionClosed):
-            self.engine_released.set()
             return
         self.stepped += 1
         self.advanced.set()
-        for event in events:
-            if isinstance(event, TextPiece):
-                self.unsent.append(event.text)
-                self.unsent_bytes += len(event.text.encode())
-        if self.unsent:
-            self.text_ready.set()
+        self._queue(self.protocol.render(events, self.stepped, self.reframer.buffered))
+        self._deliver_markers_now()
+
+    def _queue(self, items: list[Any]) -> None:
+        if not items:
+            return
+        self.outbox.extend(items)
+        self.unsent_bytes += sum(len(str(i)) for i in items)
+        self.outbox_ready.set()
         if self.unsent_bytes > MAX_UNSENT_TEXT_BYTES:
             self.too_slow.set()
 
@@ -88,20 +90,28 @@ class Session:
     async def run(self) -> tuple[int, str]:
         """Serve the connection until it ends; returns the close code and reason."""
         self.encoder = await self.encoders.acquire()
+        self._queue(self.protocol.opening())
         sender = asyncio.create_task(self._send_loop())
+        error: str | None = None
         try:
-            code, reason = await self._receive_loop()
+            code, reason, error = await self._receive_loop()
         finally:
             sender.cancel()
         if code == Close.POLICY:
             self.log.warning("client_not_reading", unsent_bytes=self.unsent_bytes)
+        elif code < 4000 and code not in (1005, 1006):
+            try:  # error / closing messages of the protocol, then the close frame
+                self.outbox.extend(self.protocol.closing(code, reason, error))
+                await asyncio.wait_for(self._send_pending(), timeout=5)
+            except (ConnectionClosed, TimeoutError):
+                pass
         try:
             await self.ws.close(code, reason)
         except ConnectionClosed:
             pass
         return code, reason
 
-    async def _receive_loop(self) -> tuple[int, str]:
+    async def _receive_loop(self) -> tuple[int, str, str | None]:
         stop_wait = asyncio.ensure_future(self.stopping.wait())
         slow_wait = asyncio.ensure_future(self.too_slow.wait())
         try:
@@ -111,36 +121,54 @@ class Session:
                                              return_when=asyncio.FIRST_COMPLETED)
                 if slow_wait in done:
                     recv.cancel()
-                    return Close.POLICY, (f"client is not reading: over {MAX_UNSENT_TEXT_BYTES} "
-                                          "bytes of transcript unread")
+                    return (Close.POLICY, f"client is not reading: over {MAX_UNSENT_TEXT_BYTES} "
+                            "bytes of output unread", None)
                 if recv in done:
                     try:
                         message = recv.result()
                     except ConnectionClosed as exc:
                         rcvd = exc.rcvd
-                        return (rcvd.code, rcvd.reason) if rcvd else (1006, "connection lost")
-                    if isinstance(message, str):
-                        return Close.UNSUPPORTED, ("text messages are not accepted on /ws: send audio "
-                                                   "as binary float32 little-endian 24 kHz mono samples")
-                    if not message:
-                        await self.finish()
-                        return Close.NORMAL, "end of audio: transcript complete"
-                    try:
-                        samples = decode_f32le(message)
-                    except BadAudio as exc:
-                        return Close.BAD_PAYLOAD, str(exc)
-                    await self._submit(self.reframer.push(samples))
+                        return (rcvd.code, rcvd.reason, None) if rcvd else (1006, "connection lost", None)
+                    ended = await self._handle(message)
+                    if ended is not None:
+                        return ended
                 else:
                     recv.cancel()
                 # Checked after a received message is handled: what arrived is transcribed.
                 if self.stopping.is_set():
-                    await self.finish()
+                    await self.flush()
                     # Say exactly how much audio the transcript covers, so the client can resend the rest.
-                    return Close.GOING_AWAY, (f"server shutting down; transcribed the first "
-                                              f"{self.reframer.samples_in} samples")
+                    return (Close.GOING_AWAY, f"server shutting down; transcribed the first "
+                            f"{self.reframer.samples_in} samples", None)
         finally:
             stop_wait.cancel()
             slow_wait.cancel()
+
+    async def _handle(self, message: str | bytes) -> tuple[int, str, str | None] | None:
+        """Apply one client message; a (code, reason, error) when the session must end."""
+        for command in self.protocol.parse(message):
+            if isinstance(command, AudioIn):
+                await self._submit(self.reframer.push(command.samples))
+            elif isinstance(command, FlushIn):
+                await self.flush()
+                self._queue(self.protocol.flushed(command.id))
+            elif isinstance(command, FinishIn):
+                await self.flush()
+                return Close.NORMAL, "end of audio: transcript complete", None
+            elif isinstance(command, MarkerIn):
+                # Answered once every frame of the audio before it, plus the delay, is stepped.
+                frames = -(-self.reframer.samples_in // FRAME_SAMPLES)
+                self.markers.append((frames + self.protocol.info.delay_steps, command.id))
+                self._deliver_markers_now()
+            elif isinstance(command, Reply):
+                self._queue(command.items)
+            elif isinstance(command, Reject):
+                return command.code, command.reason, command.error
+        return None
+
+    def _deliver_markers_now(self) -> None:
+        while self.markers and self.markers[0][0] <= self.stepped:
+            self._queue(self.protocol.marker(self.markers.pop(0)[1]))
 
     async def _submit(self, frames: np.ndarray) -> None:
         """Encode whole frames in this session's order and hand them to the engine."""
@@ -156,9 +184,11 @@ class Session:
             self.submitted += 1
             self.max_lag = max(self.max_lag, self.submitted - self.stepped)
 
-    async def finish(self) -> None:
-        """End of audio: encode the partial frame, feed the model's delay of silence, wait for
-        every frame to be stepped and every piece of text to be sent."""
+    async def flush(self) -> None:
+        """Finish the words already spoken without ending the stream: encode the partial frame,
+        feed the model's delay of silence (faster than real time), wait until every frame is
+        stepped and its text sent."""
+        await self._submit(self.reframer.push(self.protocol.drain()))
         tail = self.reframer.flush()
         silence = np.zeros((self.flush_frames, FRAME_SAMPLES), np.float32)
         await self._submit(np.concatenate([tail, silence]))
@@ -168,20 +198,21 @@ class Session:
         await self._send_pending()
 
     async def _send_pending(self) -> None:
-        if not self.unsent:
+        if not self.outbox:
             return
-        text = "".join(self.unsent)  # a slow reader gets pieces merged, never dropped
-        self.unsent.clear()
+        items = self.outbox[:]  # a slow reader gets text merged, never dropped
+        self.outbox.clear()
         self.unsent_bytes = 0
-        self.text_ready.clear()
-        await self.ws.send(text)
-        self.sent_chars += len(text)
+        self.outbox_ready.clear()
+        for message in self.protocol.wire(items):
+            await self.ws.send(message)
+            self.sent_messages += 1
 
     async def _send_loop(self) -> None:
-        """Writes text as it comes; while a send waits on a slow client, pieces pile up and are
-        merged into the next message."""
+        """Writes output as it comes; while a send waits on a slow client, items pile up and
+        text is merged into the next message."""
         while True:
-            await self.text_ready.wait()
+            await self.outbox_ready.wait()
             try:
                 await self._send_pending()
             except ConnectionClosed:
@@ -191,16 +222,17 @@ class Session:
         """Free the slot and the encoder: the engine drops the slot before its next step."""
         self.engine.close_session(self.id, "session ended")
         if self._encoding is not None and not self._encoding.done():
-            await asyncio.wait([self._encoding])  # never hand out an encoder still in use
+            await asyncio.wait([self._encoding])  # never drop an encoder still in use
         if self.encoder is not None:
             self.encoders.release(self.encoder)
             self.encoder = None
 
     def summary(self) -> dict[str, Any]:
         return {
+            "endpoint": self.protocol.path,
             "duration_s": round(time.monotonic() - self.started, 2),
             "audio_s": round(self.reframer.samples_in / SAMPLE_RATE, 2),
             "frames": self.submitted,
-            "text_chars": self.sent_chars,
+            "messages_out": self.sent_messages,
             "max_lag_frames": self.max_lag,
         }
