@@ -6,7 +6,10 @@ CONFIG ?= config/default.toml
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-k engine -x"
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench bench-engine clean
+# Service targets: SYSTEM=1 for a LaunchDaemon at boot (macOS, sudo); SYSTEMD=1 on Linux.
+SERVICE_FLAGS = $(if $(SYSTEM),--system) $(if $(SYSTEMD),--systemd)
+
+.PHONY: setup run test lint bench bench-engine clean install-service uninstall-service service-status logs
 
 # The venv is (re)built when pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -34,6 +37,20 @@ bench-engine: setup
 # The full latency harness (daemon + real clients) lands with issue 7; until then `make bench`
 # runs the engine benchmark, which is the part that exists.
 bench: bench-engine
+
+# Fills launchd/ templates with this checkout's paths, validates, pre-downloads the model, loads it.
+install-service: setup
+	$(BIN)/pinguin-daemon service install --config $(CONFIG) $(SERVICE_FLAGS)
+
+uninstall-service: setup
+	$(BIN)/pinguin-daemon service uninstall $(SERVICE_FLAGS)
+
+service-status: setup
+	$(BIN)/pinguin-daemon service status --config $(CONFIG) $(SERVICE_FLAGS)
+
+logs:
+	@if [ "$$(uname)" = Darwin ]; then tail -n 100 -f "$$HOME/Library/Logs/pinguin-daemon/daemon.log"; \
+	else journalctl --user -u pinguin-daemon.service -n 100 -f; fi
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache bench-results

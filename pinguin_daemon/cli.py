@@ -115,6 +115,19 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return transcribe(args.file, args.url, args.realtime, args.chunk)
 
 
+def cmd_service(args: argparse.Namespace) -> int:
+    from . import service
+
+    cfg = config_from_args(args)
+    repo = Path(__file__).resolve().parent.parent
+    config_path = args.config or Path(os.environ.get("PINGUIN_CONFIG", repo / "config" / "default.toml"))
+    if args.action == "install":
+        return service.install(repo, config_path, cfg, args.system, args.systemd)
+    if args.action == "uninstall":
+        return service.uninstall(args.system)
+    return service.status(cfg, args.system)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pinguin-daemon",
                                      description="Real-time speech-to-text server (Kyutai STT, MLX).")
@@ -130,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--realtime", action="store_true", help="pace audio like a microphone")
     transcribe.add_argument("--chunk", type=int, default=2400, help="samples per message (iOS: 2400)")
     transcribe.set_defaults(func=cmd_transcribe)
+
+    svc = sub.add_parser("service", help="install/uninstall/status of the background service")
+    svc.add_argument("action", choices=("install", "uninstall", "status"))
+    svc.add_argument("--system", action="store_true",
+                     help="macOS: a LaunchDaemon started at boot (needs sudo) instead of a LaunchAgent")
+    svc.add_argument("--systemd", action="store_true", help="Linux: install the systemd user unit")
+    _add_setting_flags(svc)
+    svc.set_defaults(func=cmd_service)
 
     download = sub.add_parser("download", help="fetch a checkpoint into the Hugging Face cache")
     download.add_argument("repo", nargs="?", default=DEFAULT_MODEL)

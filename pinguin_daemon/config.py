@@ -48,6 +48,8 @@ class Config:
     eot_head: int = 1
     eot_threshold: float = 0.5
     vad_interval: int = 0
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 def _convert(key: str, raw: Any, source: str) -> Any:

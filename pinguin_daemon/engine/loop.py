@@ -82,6 +82,9 @@ class Engine:
         self.model: LoadedModel | None = None
         self.last_step_ms = 0.0  # duration of the latest batched step
         self.steps = 0  # batched steps so far
+        self.load_seconds = 0.0  # time to load and warm the model
+        # Called on the engine thread after each step with (seconds, rows): metrics.
+        self.on_step: Callable[[float, int], None] | None = None
 
     # ---- any thread -------------------------------------------------------------------------
     def start(self) -> None:
@@ -118,8 +121,8 @@ class Engine:
             self.model = self._load()
             core = EngineCore(self.model, self.num_slots, self._temperature, self._seed)
             core.warmup()
-            log.info("engine_ready", slots=self.num_slots,
-                     load_s=round(time.perf_counter() - started, 2))
+            self.load_seconds = time.perf_counter() - started
+            log.info("engine_ready", slots=self.num_slots, load_s=round(self.load_seconds, 2))
             self.ready.set()
             self._loop(core)
         except BaseException as exc:  # noqa: BLE001 - reported through `failed` and the log
@@ -166,8 +169,11 @@ class Engine:
                 continue
             started = time.perf_counter()
             events = core.update(plan, core.run(plan))
-            self.last_step_ms = (time.perf_counter() - started) * 1000
+            elapsed = time.perf_counter() - started
+            self.last_step_ms = elapsed * 1000
             self.steps += 1
+            if self.on_step is not None:
+                self.on_step(elapsed, len(plan.slots))
             if self.last_step_ms > REALTIME_BUDGET_S * 1000:
                 log.warning("slow_step", ms=round(self.last_step_ms, 1), rows=len(plan.slots))
             for session_id, evs in events.items():

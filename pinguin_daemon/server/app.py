@@ -20,6 +20,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import time
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
@@ -35,7 +36,8 @@ from ..errors import UserError
 from ..logs import get_logger
 from ..model.loader import LoadedModel, load_model
 from ..model.store import resolve
-from .protocol import HEALTH_PATH, READY_PATH, WS_PATH, Close
+from .metrics import CONTENT_TYPE, Metrics
+from .protocol import HEALTH_PATH, METRICS_PATH, READY_PATH, WS_PATH, Close
 from .protocols import PROTOCOLS, SessionInfo
 from .session import Session
 
@@ -73,6 +75,8 @@ class Daemon:
         self.refused = 0
         self._ids = itertools.count(1)
         self.port = 0
+        self.metrics = Metrics(lambda: max(0, self.cfg.max_sessions - len(self.sessions)))
+        self.engine.on_step = self.metrics.observe_step
 
     def _load_model(self) -> LoadedModel:
         """Runs on the engine thread."""
@@ -116,6 +120,14 @@ class Daemon:
             return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send it in "
                                       "the kyutai-api-key header, as Authorization: Bearer, or ?token=\n")
         ready = self.state == "serving" and self.engine.alive
+        if path == METRICS_PATH:
+            response = connection.respond(HTTPStatus.OK, "")
+            response.body = self.metrics.render()
+            del response.headers["Content-Type"]
+            del response.headers["Content-Length"]
+            response.headers["Content-Type"] = CONTENT_TYPE
+            response.headers["Content-Length"] = str(len(response.body))
+            return response
         if path == READY_PATH:
             return self._json(connection, HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, {
                 "ready": ready, "state": self.state, "engine_alive": self.engine.alive,
@@ -140,9 +152,10 @@ class Daemon:
                            model.asr_delay_steps, model.vad_heads, self.cfg.eot_head,
                            self.cfg.eot_threshold, self.cfg.vad_interval)
         protocol = PROTOCOLS[urlsplit(ws.request.path).path](info)  # type: ignore[union-attr]
-        session = Session(ws, session_id, self.engine, self.encoders, protocol, self.stopping)
+        session = Session(ws, session_id, self.engine, self.encoders, protocol, self.stopping, self.metrics)
         if self.state != "serving" or not self.engine.open_session(session_id, session.sink):
             self.refused += 1
+            self.metrics.sessions_refused.inc()
             reason = f"server full: all {self.cfg.max_sessions} slots are busy, try again later"
             bound.warning("session_refused", reason=reason)
             await ws.close(Close.TRY_AGAIN, reason)
@@ -151,7 +164,9 @@ class Daemon:
         task = asyncio.current_task()
         assert task is not None
         self.tasks[session_id] = task
-        bound.info("session_opened", sessions=len(self.sessions))
+        self.metrics.sessions_open.inc()
+        self.metrics.sessions_opened.labels(endpoint=protocol.path).inc()
+        bound.info("session_opened", endpoint=protocol.path, sessions=len(self.sessions))
         code, reason = int(Close.INTERNAL), "internal error"
         try:
             code, reason = await session.run()
@@ -165,6 +180,8 @@ class Daemon:
             await session.release()
             self.sessions.pop(session_id, None)
             self.tasks.pop(session_id, None)
+            self.metrics.sessions_open.dec()
+            self.metrics.sessions_closed.labels(code=str(int(code))).inc()
             level = logging.INFO if code in (Close.NORMAL, Close.GOING_AWAY, 1000, 1001) else logging.WARNING
             bound.log(level, "session_closed", code=int(code), reason=reason, **session.summary())
 
@@ -192,7 +209,9 @@ class Daemon:
         started = time.perf_counter()
         self.engine.start()
         try:
+            ssl_context = self._ssl_context()
             model = await self._wait_engine_ready()
+            self.metrics.model_load_seconds.set(self.engine.load_seconds)
             threads = self.cfg.encoder_threads or min(self.cfg.max_sessions, os.cpu_count() or 1)
             self.encoders = EncoderPool(model.make_audio_tokenizer, self.cfg.max_sessions, threads)
             try:
@@ -202,7 +221,7 @@ class Daemon:
             async with serve(self.handler, self.cfg.host, self.cfg.port,
                              process_request=self.process_request,
                              max_size=self.cfg.max_message_bytes, max_queue=MAX_QUEUE,
-                             write_limit=WRITE_LIMIT, compression=None,
+                             write_limit=WRITE_LIMIT, compression=None, ssl=ssl_context,
                              logger=logging.getLogger("websockets")) as server:
                 self.port = int(server.sockets[0].getsockname()[1])
                 self._log_listening(model, threads, time.perf_counter() - started)
@@ -214,12 +233,30 @@ class Daemon:
                 self.encoders.shutdown()
             self.state = "stopped"
 
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """TLS for wss:// when tls_cert and tls_key are set (both or neither)."""
+        cert, key = self.cfg.tls_cert, self.cfg.tls_key
+        if not cert and not key:
+            return None
+        if not (cert and key):
+            raise UserError("settings 'tls_cert' and 'tls_key' go together: set both or neither")
+        for name, value in (("tls_cert", cert), ("tls_key", key)):
+            if not os.path.isfile(value):
+                raise UserError(f"setting '{name}' names {value}, which does not exist")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise UserError(f"cannot use tls_cert {cert} with tls_key {key}: {exc}") from None
+        return context
+
     def _log_listening(self, model: LoadedModel, threads: int, startup_s: float) -> None:
         host = self.cfg.host
         hosts = lan_addresses() if host in ("0.0.0.0", "::", "") else [host]
-        urls = [f"ws://{h}:{self.port}{WS_PATH}" for h in hosts] or [f"ws://127.0.0.1:{self.port}{WS_PATH}"]
+        ws, http = ("wss", "https") if self.cfg.tls_cert else ("ws", "http")
+        urls = [f"{ws}://{h}:{self.port}{WS_PATH}" for h in hosts] or [f"{ws}://127.0.0.1:{self.port}{WS_PATH}"]
         for h in hosts:
-            log.info(f"Local network address: http://{h}:{self.port}")
+            log.info(f"Local network address: {http}://{h}:{self.port}")
         log.info("listening", host=host, port=self.port, urls=urls, model=model.files.source,
                  dtype=model.dtype, quantization=model.quantization, slots=self.cfg.max_sessions,
                  vad_heads=model.vad_heads, delay_s=model.files.asr_delay_seconds,

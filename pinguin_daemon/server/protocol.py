@@ -20,3 +20,4 @@ class Close(IntEnum):
 WS_PATH = "/ws"
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
+METRICS_PATH = "/metrics"

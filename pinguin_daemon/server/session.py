@@ -16,10 +16,11 @@ from websockets.exceptions import ConnectionClosed
 
 from ..audio.encoder import EncoderPool
 from ..audio.pcm import Reframer
-from ..engine.events import Event, SessionClosed
+from ..engine.events import Event, SessionClosed, Word
 from ..engine.loop import Engine
 from ..logs import get_logger
 from ..model.loader import FRAME_SAMPLES, SAMPLE_RATE
+from .metrics import Metrics
 from .protocol import Close
 from .protocols import AudioIn, FinishIn, FlushIn, MarkerIn, Protocol, Reject, Reply
 
@@ -39,7 +40,7 @@ class Session:
     """State and tasks of one streaming connection. Lives on the event loop."""
 
     def __init__(self, ws: ServerConnection, session_id: str, engine: Engine, encoders: EncoderPool,
-                 protocol: Protocol, stopping: asyncio.Event) -> None:
+                 protocol: Protocol, stopping: asyncio.Event, metrics: Metrics | None = None) -> None:
         self.ws = ws
         self.id = session_id
         self.engine = engine
@@ -47,6 +48,7 @@ class Session:
         self.protocol = protocol
         self.flush_frames = protocol.info.delay_steps + FLUSH_EXTRA_FRAMES
         self.stopping = stopping  # set when the daemon shuts down
+        self.metrics = metrics
         self.loop = asyncio.get_running_loop()
         self.reframer = Reframer()
         self.encoder: Any = None  # this session's streaming Mimi state
@@ -60,7 +62,9 @@ class Session:
         self.markers: list[tuple[int, int]] = []  # (step that answers it, marker id), in order
         self._encoding: asyncio.Future[np.ndarray] | None = None  # the encode running in a worker
         self.sent_messages = 0
+        self.words = 0  # words decoded (all endpoints), for the summary
         self.max_lag = 0  # most frames in flight seen
+        self.lag_sum = 0  # frames in flight summed over submits, for the mean
         self.started = time.monotonic()
         self.log = log.bind(session_id=session_id)
 
@@ -74,6 +78,7 @@ class Session:
             return
         self.stepped += 1
         self.advanced.set()
+        self.words += sum(1 for e in events if isinstance(e, Word))
         self._queue(self.protocol.render(events, self.stepped, self.reframer.buffered))
         self._deliver_markers_now()
 
@@ -129,6 +134,8 @@ class Session:
                     except ConnectionClosed as exc:
                         rcvd = exc.rcvd
                         return (rcvd.code, rcvd.reason, None) if rcvd else (1006, "connection lost", None)
+                    if self.metrics is not None:
+                        self.metrics.messages_in.inc()
                     ended = await self._handle(message)
                     if ended is not None:
                         return ended
@@ -174,15 +181,23 @@ class Session:
         """Encode whole frames in this session's order and hand them to the engine."""
         if not len(frames):
             return
+        started = time.perf_counter()
         self._encoding = asyncio.ensure_future(self.encoders.encode(self.encoder, frames))
         codes = await asyncio.shield(self._encoding)  # a cancelled session still waits in release()
+        if self.metrics is not None:
+            self.metrics.encoder_seconds.observe(time.perf_counter() - started)
         for row in codes:
             while self.submitted - self.stepped >= MAX_FRAMES_IN_FLIGHT:
                 self.advanced.clear()
                 await self.advanced.wait()
             self.engine.submit(self.id, row)
             self.submitted += 1
-            self.max_lag = max(self.max_lag, self.submitted - self.stepped)
+            lag = self.submitted - self.stepped
+            self.max_lag = max(self.max_lag, lag)
+            self.lag_sum += lag
+            if self.metrics is not None:
+                self.metrics.audio_frames.inc()
+                self.metrics.frames_in_flight.observe(lag)
 
     async def flush(self) -> None:
         """Finish the words already spoken without ending the stream: encode the partial frame,
@@ -207,6 +222,8 @@ class Session:
         for message in self.protocol.wire(items):
             await self.ws.send(message)
             self.sent_messages += 1
+            if self.metrics is not None:
+                self.metrics.messages_out.inc()
 
     async def _send_loop(self) -> None:
         """Writes output as it comes; while a send waits on a slow client, items pile up and
@@ -233,6 +250,8 @@ class Session:
             "duration_s": round(time.monotonic() - self.started, 2),
             "audio_s": round(self.reframer.samples_in / SAMPLE_RATE, 2),
             "frames": self.submitted,
+            "words": self.words,
             "messages_out": self.sent_messages,
+            "mean_lag_frames": round(self.lag_sum / self.submitted, 2) if self.submitted else 0.0,
             "max_lag_frames": self.max_lag,
         }

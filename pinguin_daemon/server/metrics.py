@@ -1,0 +1,54 @@
+"""Prometheus metrics, served at GET /metrics. One registry per daemon (no process globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """Every metric of the daemon. Thread-safe (the engine thread observes steps)."""
+
+    def __init__(self, free_slots: Callable[[], float]) -> None:
+        """Args:
+            free_slots: reads the number of free slots at scrape time.
+        """
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions_open = Gauge("pinguin_sessions_open", "Sessions streaming now", registry=r)
+        self.free_slots = Gauge("pinguin_free_slots", "Batch slots free for new sessions", registry=r)
+        self.free_slots.set_function(free_slots)
+        self.sessions_opened = Counter("pinguin_sessions_opened", "Sessions admitted", ["endpoint"],
+                                       registry=r)
+        self.sessions_refused = Counter("pinguin_sessions_refused", "Sessions refused (1013: full)",
+                                        registry=r)
+        self.sessions_closed = Counter("pinguin_sessions_closed", "Sessions ended, by close code",
+                                       ["code"], registry=r)
+        self.step_seconds = Histogram(
+            "pinguin_engine_step_seconds", "Duration of one batched engine step", registry=r,
+            buckets=(0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0))
+        self.active_slots = Histogram("pinguin_engine_active_slots", "Slots stepped per engine step",
+                                      registry=r, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
+        self.frames_in_flight = Histogram(
+            "pinguin_frames_in_flight", "Frames of a session queued for the engine (lag), at each submit",
+            registry=r, buckets=(1, 2, 3, 4, 8))
+        self.encoder_seconds = Histogram(
+            "pinguin_encoder_seconds", "Mimi encoding time per call (one or more frames)", registry=r,
+            buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64))
+        self.audio_frames = Counter("pinguin_audio_frames", "80 ms frames handed to the engine",
+                                    registry=r)
+        self.messages_in = Counter("pinguin_messages_in", "WebSocket messages received", registry=r)
+        self.messages_out = Counter("pinguin_messages_out", "WebSocket messages sent", registry=r)
+        self.model_load_seconds = Gauge("pinguin_model_load_seconds",
+                                        "Time to load and warm the model", registry=r)
+
+    def observe_step(self, seconds: float, rows: int) -> None:
+        self.step_seconds.observe(seconds)
+        self.active_slots.observe(rows)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
