@@ -38,7 +38,8 @@ class ServicePaths:
     exit_timeout: int  # seconds, longer than the daemon's shutdown deadline
 
     @classmethod
-    def for_checkout(cls, repo: Path, config_path: Path, cfg: Config, user: str | None = None) -> ServicePaths:
+    def for_checkout(cls, repo: Path, config_path: Path, cfg: Config,
+                     user: str | None = None) -> ServicePaths:
         home = Path.home()
         return cls(
             repo=repo.resolve(), venv=(repo / ".venv").resolve(), config=config_path.resolve(),
