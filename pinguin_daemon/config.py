@@ -24,6 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quantization": ("none", "q4", "q8"),
     "log_format": ("auto", "console", "json"),
     "log_level": ("debug", "info", "warning", "error"),
+    "engine": ("batched", "sequential"),
 }
 
 
@@ -50,6 +51,7 @@ class Config:
     vad_interval: int = 0
     tls_cert: str = ""
     tls_key: str = ""
+    engine: str = "batched"
 
 
 def _convert(key: str, raw: Any, source: str) -> Any:

@@ -115,3 +115,13 @@ def test_sampling_does_not_depend_on_neighbours(synthetic_dir: Path) -> None:
     greedy = run_schedule(EngineCore(model, 3), specs[:1])
     assert alone.tokens["s0"] == crowded.tokens["s0"]
     assert alone.tokens["s0"] != greedy.tokens["s0"]  # it does sample
+
+
+def test_sequential_baseline_gives_the_same_tokens(synthetic_dir: Path) -> None:
+    """The bench's baseline (the seed's design made correct) must transcribe identically."""
+    from pinguin_daemon.engine.sequential import SequentialCore
+
+    model = load(synthetic_dir)
+    specs = random_specs(4, seed=13)
+    rec = run_schedule(SequentialCore(model, 2), specs)
+    assert mismatches(rec, references(model, specs)) == []

@@ -60,13 +60,16 @@ class Engine:
     """Runs `EngineCore` on a dedicated thread and admits sessions up to the slot count."""
 
     def __init__(self, load: Callable[[], LoadedModel], num_slots: int, temperature: float = 0.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, mode: str = "batched") -> None:
         """Args:
             load: builds the model; called on the engine thread (MLX stays on one thread).
             num_slots: concurrent sessions.
             temperature: sampling temperature (0 = greedy).
             seed: base seed for sampling.
+            mode: "batched" (one MLX step for all slots) or "sequential" (the seed's design:
+                one LmGen per session, stepped one after another; a benchmark baseline).
         """
+        self._mode = mode
         self._load = load
         self.num_slots = num_slots
         self._temperature = temperature
@@ -119,7 +122,12 @@ class Engine:
         try:
             started = time.perf_counter()
             self.model = self._load()
-            core = EngineCore(self.model, self.num_slots, self._temperature, self._seed)
+            if self._mode == "sequential":
+                from .sequential import SequentialCore
+
+                core: EngineCore = SequentialCore(self.model, self.num_slots, self._temperature, self._seed)
+            else:
+                core = EngineCore(self.model, self.num_slots, self._temperature, self._seed)
             core.warmup()
             self.load_seconds = time.perf_counter() - started
             log.info("engine_ready", slots=self.num_slots, load_s=round(self.load_seconds, 2))

@@ -65,7 +65,7 @@ class Daemon:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.engine = Engine(self._load_model, cfg.max_sessions, cfg.temperature, cfg.seed)
+        self.engine = Engine(self._load_model, cfg.max_sessions, cfg.temperature, cfg.seed, cfg.engine)
         self.encoders: EncoderPool | None = None
         self.sessions: dict[str, Session] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}  # handler task per session
@@ -261,6 +261,7 @@ class Daemon:
                  dtype=model.dtype, quantization=model.quantization, slots=self.cfg.max_sessions,
                  vad_heads=model.vad_heads, delay_s=model.files.asr_delay_seconds,
                  encoder_threads=threads, encoder_memory="~450 MB per active session (rustymimi)",
+                 engine=self.cfg.engine,
                  startup_s=round(startup_s, 2))
         if model.files.synthetic:
             log.warning("synthetic_model", note="serving a synthetic model with random weights: "

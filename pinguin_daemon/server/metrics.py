@@ -39,6 +39,11 @@ class Metrics:
         self.encoder_seconds = Histogram(
             "pinguin_encoder_seconds", "Mimi encoding time per call (one or more frames)", registry=r,
             buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64))
+        self.server_latency = Histogram(
+            "pinguin_server_added_latency_seconds",
+            "From the arrival of the message completing an audio frame to its step's output leaving",
+            registry=r, buckets=(0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08,
+                                 0.1, 0.12, 0.16, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0))
         self.audio_frames = Counter("pinguin_audio_frames", "80 ms frames handed to the engine",
                                     registry=r)
         self.messages_in = Counter("pinguin_messages_in", "WebSocket messages received", registry=r)

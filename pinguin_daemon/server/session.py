@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,8 @@ MAX_UNSENT_TEXT_BYTES = 64 * 1024
 # Silence frames fed after the last audio beyond the model's delay: one for the input lag of one
 # step, one for margin.
 FLUSH_EXTRA_FRAMES = 2
+# Latency samples kept per session for its summary line (~2.2 hours of frames).
+MAX_LATENCY_SAMPLES = 100_000
 
 log = get_logger("session")
 
@@ -60,6 +63,11 @@ class Session:
         self.outbox_ready = asyncio.Event()
         self.too_slow = asyncio.Event()  # unsent output passed its bound: the client is not reading
         self.markers: list[tuple[int, int]] = []  # (step that answers it, marker id), in order
+        # Server-added latency: per submitted frame, when the message completing it arrived
+        # (None for silence the server made up in a flush); per queued output, that step's arrival.
+        self._arrivals: deque[float | None] = deque()
+        self._stamps: list[float] = []
+        self.latencies: list[float] = []  # seconds, one per stepped audio frame (capped)
         self._encoding: asyncio.Future[np.ndarray] | None = None  # the encode running in a worker
         self.sent_messages = 0
         self.words = 0  # words decoded (all endpoints), for the summary
@@ -79,8 +87,21 @@ class Session:
         self.stepped += 1
         self.advanced.set()
         self.words += sum(1 for e in events if isinstance(e, Word))
-        self._queue(self.protocol.render(events, self.stepped, self.reframer.buffered))
+        arrived = self._arrivals.popleft() if self._arrivals else None
+        items = self.protocol.render(events, self.stepped, self.reframer.buffered)
+        self._queue(items)
         self._deliver_markers_now()
+        if arrived is not None:
+            if items:
+                self._stamps.append(arrived)  # measured when the output leaves
+            else:
+                self._record_latency(time.perf_counter() - arrived)
+
+    def _record_latency(self, seconds: float) -> None:
+        if len(self.latencies) < MAX_LATENCY_SAMPLES:
+            self.latencies.append(seconds)
+        if self.metrics is not None:
+            self.metrics.server_latency.observe(seconds)
 
     def _queue(self, items: list[Any]) -> None:
         if not items:
@@ -136,7 +157,7 @@ class Session:
                         return (rcvd.code, rcvd.reason, None) if rcvd else (1006, "connection lost", None)
                     if self.metrics is not None:
                         self.metrics.messages_in.inc()
-                    ended = await self._handle(message)
+                    ended = await self._handle(message, time.perf_counter())
                     if ended is not None:
                         return ended
                 else:
@@ -151,11 +172,12 @@ class Session:
             stop_wait.cancel()
             slow_wait.cancel()
 
-    async def _handle(self, message: str | bytes) -> tuple[int, str, str | None] | None:
-        """Apply one client message; a (code, reason, error) when the session must end."""
+    async def _handle(self, message: str | bytes, arrived: float) -> tuple[int, str, str | None] | None:
+        """Apply one client message (arrived at `arrived`, perf_counter); a (code, reason, error)
+        when the session must end."""
         for command in self.protocol.parse(message):
             if isinstance(command, AudioIn):
-                await self._submit(self.reframer.push(command.samples))
+                await self._submit(self.reframer.push(command.samples), arrived)
             elif isinstance(command, FlushIn):
                 await self.flush()
                 self._queue(self.protocol.flushed(command.id))
@@ -177,8 +199,13 @@ class Session:
         while self.markers and self.markers[0][0] <= self.stepped:
             self._queue(self.protocol.marker(self.markers.pop(0)[1]))
 
-    async def _submit(self, frames: np.ndarray) -> None:
-        """Encode whole frames in this session's order and hand them to the engine."""
+    async def _submit(self, frames: np.ndarray, arrived: float | None = None) -> None:
+        """Encode whole frames in this session's order and hand them to the engine.
+
+        Args:
+            frames: (n, 1920) samples.
+            arrived: when the client message completing them arrived (None: server-made silence).
+        """
         if not len(frames):
             return
         started = time.perf_counter()
@@ -190,6 +217,7 @@ class Session:
             while self.submitted - self.stepped >= MAX_FRAMES_IN_FLIGHT:
                 self.advanced.clear()
                 await self.advanced.wait()
+            self._arrivals.append(arrived)
             self.engine.submit(self.id, row)
             self.submitted += 1
             lag = self.submitted - self.stepped
@@ -203,7 +231,7 @@ class Session:
         """Finish the words already spoken without ending the stream: encode the partial frame,
         feed the model's delay of silence (faster than real time), wait until every frame is
         stepped and its text sent."""
-        await self._submit(self.reframer.push(self.protocol.drain()))
+        await self._submit(self.reframer.push(self.protocol.drain()), time.perf_counter())
         tail = self.reframer.flush()
         silence = np.zeros((self.flush_frames, FRAME_SAMPLES), np.float32)
         await self._submit(np.concatenate([tail, silence]))
@@ -216,7 +244,9 @@ class Session:
         if not self.outbox:
             return
         items = self.outbox[:]  # a slow reader gets text merged, never dropped
+        stamps = self._stamps[:]
         self.outbox.clear()
+        self._stamps.clear()
         self.unsent_bytes = 0
         self.outbox_ready.clear()
         for message in self.protocol.wire(items):
@@ -224,6 +254,9 @@ class Session:
             self.sent_messages += 1
             if self.metrics is not None:
                 self.metrics.messages_out.inc()
+        now = time.perf_counter()
+        for arrived in stamps:
+            self._record_latency(now - arrived)
 
     async def _send_loop(self) -> None:
         """Writes output as it comes; while a send waits on a slow client, items pile up and
@@ -245,6 +278,16 @@ class Session:
             self.encoder = None
 
     def summary(self) -> dict[str, Any]:
+        lat = np.array(self.latencies) * 1000
+        third = len(lat) // 3
+        latency: dict[str, Any] = {}
+        if len(lat):
+            latency = {"latency_p50_ms": round(float(np.percentile(lat, 50)), 1),
+                       "latency_p99_ms": round(float(np.percentile(lat, 99)), 1),
+                       "latency_max_ms": round(float(lat.max()), 1)}
+        if third:
+            # Lag growth: a session that falls behind real time shows a rising latency.
+            latency["latency_growth_ms"] = round(float(lat[-third:].mean() - lat[:third].mean()), 1)
         return {
             "endpoint": self.protocol.path,
             "duration_s": round(time.monotonic() - self.started, 2),
@@ -254,4 +297,5 @@ class Session:
             "messages_out": self.sent_messages,
             "mean_lag_frames": round(self.lag_sum / self.submitted, 2) if self.submitted else 0.0,
             "max_lag_frames": self.max_lag,
+            **latency,
         }
