@@ -34,9 +34,13 @@ lint: setup
 bench-engine: setup
 	$(BIN)/python -m pinguin_daemon.bench.engine_bench --out bench-results/engine.json
 
-# The full latency harness (daemon + real clients) lands with issue 7; until then `make bench`
-# runs the engine benchmark, which is the part that exists.
-bench: bench-engine
+# The latency harness: starts the daemon (batched, then the sequential baseline), ramps real-time
+# clients, writes bench-results/latency.{json,png}. On a Mac: make bench BENCH_MODEL=kyutai/stt-1b-en_fr-mlx
+BENCH_MODEL ?= synthetic
+BENCH_ARGS ?= --max-sessions 8 --duration 20
+bench: setup
+	$(BIN)/pip install --quiet -e ".[test,bench]"
+	$(BIN)/python -m pinguin_daemon.bench.latency --model $(BENCH_MODEL) $(BENCH_ARGS)
 
 # Fills launchd/ templates with this checkout's paths, validates, pre-downloads the model, loads it.
 install-service: setup

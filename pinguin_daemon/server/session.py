@@ -292,6 +292,7 @@ class Session:
             "endpoint": self.protocol.path,
             "duration_s": round(time.monotonic() - self.started, 2),
             "audio_s": round(self.reframer.samples_in / SAMPLE_RATE, 2),
+            "samples": self.reframer.samples_in,
             "frames": self.submitted,
             "words": self.words,
             "messages_out": self.sent_messages,

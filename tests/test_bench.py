@@ -1,0 +1,43 @@
+"""The latency harness: its arithmetic, and a short real run against the synthetic model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pinguin_daemon.bench.latency import histogram_percentile
+
+NAME = "pinguin_server_added_latency_seconds"
+
+
+def scrape_of(counts: dict[str, float]) -> dict[str, float]:
+    return {f'{NAME}_bucket{{le="{le}"}}': value for le, value in counts.items()}
+
+
+def test_histogram_percentile_over_an_interval() -> None:
+    before = scrape_of({"0.01": 5, "0.02": 5, "0.05": 5, "+Inf": 5})
+    # 100 new samples: 50 under 10 ms, 40 in (10, 20], 10 in (20, 50].
+    after = scrape_of({"0.01": 55, "0.02": 95, "0.05": 105, "+Inf": 105})
+    assert math.isclose(histogram_percentile(before, after, NAME, 0.5), 0.01)
+    assert math.isclose(histogram_percentile(before, after, NAME, 0.9), 0.01 + 0.01 * 40 / 40)
+    assert math.isclose(histogram_percentile(before, after, NAME, 0.95), 0.02 + 0.03 * 0.5)
+    assert math.isnan(histogram_percentile(after, after, NAME, 0.5))  # nothing happened
+
+
+def test_short_bench_run(tmp_path: Path, cache_dir: Path) -> None:
+    env = {**os.environ, "PINGUIN_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.run([sys.executable, "-m", "pinguin_daemon.bench.latency", "--max-sessions", "1",
+                           "--duration", "4", "--no-baseline", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "latency.json").read_text())
+    [level] = report["levels"]
+    assert level["sessions"] == 1 and level["closed_1000"] == 1
+    assert level["samples_dropped"] == 0  # every sample sent was taken in
+    assert level["server_p50_ms"] > 0 and level["step_mean_ms"] > 0
+    assert level["eos_final_flush_p50_s"] is not None  # the /v2 client flushed and got `flushed`
+    assert "| batched | 1 |" in proc.stdout
