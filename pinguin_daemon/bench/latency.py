@@ -62,11 +62,33 @@ def make_speech(cache: Path) -> list[Utterance]:
     for i, (voice, text) in enumerate(SENTENCES):
         raw = cache / f"utt{i}.f32"
         if not raw.exists():
-            wav = subprocess.run(["espeak-ng", "-v", voice, "--stdout", text], check=True,
-                                 capture_output=True).stdout
-            raw.write_bytes(subprocess.run(
-                ["sox", "-t", "wav", "-", "-t", "raw", "-e", "floating-point", "-b", "32", "-c", "1",
-                 "-r", str(SAMPLE_RATE), "-"], input=wav, check=True, capture_output=True).stdout)
+            wav = subprocess.run(
+                ["espeak-ng", "-v", voice, "--stdout", text], check=True, capture_output=True
+            ).stdout
+            raw.write_bytes(
+                subprocess.run(
+                    [
+                        "sox",
+                        "-t",
+                        "wav",
+                        "-",
+                        "-t",
+                        "raw",
+                        "-e",
+                        "floating-point",
+                        "-b",
+                        "32",
+                        "-c",
+                        "1",
+                        "-r",
+                        str(SAMPLE_RATE),
+                        "-",
+                    ],
+                    input=wav,
+                    check=True,
+                    capture_output=True,
+                ).stdout
+            )
         speech = np.frombuffer(raw.read_bytes(), "<f4")
         pcm = np.concatenate([speech, np.zeros(int(PAUSE_S * SAMPLE_RATE), np.float32)])
         out.append(Utterance(pcm.astype(np.float32), len(speech)))
@@ -89,13 +111,15 @@ async def _sleep_until(t: float) -> None:
         await asyncio.sleep(delay)
 
 
-async def run_client(base_url: str, endpoint: str, utterances: list[Utterance], duration: float,
-                     offset: int) -> ClientResult:
+async def run_client(
+    base_url: str, endpoint: str, utterances: list[Utterance], duration: float, offset: int
+) -> ClientResult:
     """Stream utterances (rotating from `offset`) at real time for about `duration` seconds."""
     result = ClientResult(endpoint)
     chunk = 2400 if endpoint == "/ws" else FRAME_SAMPLES
     received: list[tuple[float, dict[str, Any] | str]] = []
     async with connect(base_url + endpoint, max_size=None, compression=None) as ws:
+
         async def reader() -> None:
             try:
                 async for message in ws:
@@ -114,25 +138,27 @@ async def run_client(base_url: str, endpoint: str, utterances: list[Utterance], 
             for i in range(0, len(utt.pcm), chunk):
                 sent_at += chunk / SAMPLE_RATE  # when a microphone would have this chunk
                 await _sleep_until(sent_at)
-                await ws.send(utt.pcm[i:i + chunk].tobytes())
-                result.samples_sent += len(utt.pcm[i:i + chunk])
+                await ws.send(utt.pcm[i : i + chunk].tobytes())
+                result.samples_sent += len(utt.pcm[i : i + chunk])
                 if i < utt.speech_samples <= i + chunk:
                     ends.append((time.monotonic(), n))
-                    if endpoint == "/v2" and n % 2:  # /v2 flushes every other utterance
+                    if endpoint == "/v2" and n % 2 == 0:  # /v2 flushes every other utterance
                         await ws.send(json.dumps({"type": "flush", "id": n}))
             n += 1
         await ws.send(json.dumps({"type": "finish"}) if endpoint == "/v2" else b"")
         await asyncio.wait_for(task, 60)
         result.close_code = ws.close_code
 
-    texts = [(t, m) for t, m in received
-             if isinstance(m, str) or m.get("type") == "text"]
+    texts = [(t, m) for t, m in received if isinstance(m, str) or m.get("type") == "text"]
     if texts:
         result.first_text_s = texts[0][0] - start
     for end_t, n in ends:
-        if endpoint == "/v2" and n % 2:
-            flushed = [t for t, m in received if isinstance(m, dict) and m.get("type") == "flushed"
-                       and m.get("id") == n]
+        if endpoint == "/v2" and n % 2 == 0:
+            flushed = [
+                t
+                for t, m in received
+                if isinstance(m, dict) and m.get("type") == "flushed" and m.get("id") == n
+            ]
             if flushed:
                 result.eos_to_final_flush_s.append(flushed[0] - end_t)
         else:
@@ -180,8 +206,9 @@ def histogram_percentile(before: dict[str, float], after: dict[str, float], name
 
 def process_usage(pid: int) -> tuple[float, float]:
     """(CPU seconds so far, RSS in MB) of a process, via ps (Linux and macOS)."""
-    out = subprocess.run(["ps", "-o", "rss=,time=", "-p", str(pid)], capture_output=True,
-                         text=True).stdout.split()
+    out = subprocess.run(
+        ["ps", "-o", "rss=,time=", "-p", str(pid)], capture_output=True, text=True
+    ).stdout.split()
     if len(out) < 2:
         return 0.0, 0.0
     parts = [float(p) for p in re.split("[:-]", out[1])]
@@ -217,9 +244,29 @@ class Daemon:
 
     def __init__(self, model: str, slots: int, engine: str, extra: list[str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pinguin_daemon", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--model", model, "--max-sessions", str(slots), "--engine", engine, "--log-format", "json",
-             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "pinguin_daemon",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--model",
+                model,
+                "--max-sessions",
+                str(slots),
+                "--engine",
+                engine,
+                "--log-format",
+                "json",
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.summaries: list[dict[str, Any]] = []
         self.port = 0
         assert self.proc.stderr is not None
@@ -261,8 +308,9 @@ def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
-def run_level(base: str, daemon: Daemon | None, engine: str, n: int, utterances: list[Utterance],
-              duration: float) -> Level:
+def run_level(
+    base: str, daemon: Daemon | None, engine: str, n: int, utterances: list[Utterance], duration: float
+) -> Level:
     http = base.replace("ws://", "http://").replace("wss://", "https://")
     before = scrape(http)
     pid = daemon.proc.pid if daemon else None
@@ -271,8 +319,7 @@ def run_level(base: str, daemon: Daemon | None, engine: str, n: int, utterances:
     started = time.monotonic()
 
     async def all_clients() -> list[ClientResult]:
-        tasks = [run_client(base, "/v2" if i % 2 == 0 else "/ws", utterances, duration, i)
-                 for i in range(n)]
+        tasks = [run_client(base, "/v2" if i % 2 == 0 else "/ws", utterances, duration, i) for i in range(n)]
         return await asyncio.gather(*tasks)
 
     progress = _Progress(f"{engine:<10} N={n:<3}", duration)
@@ -285,8 +332,12 @@ def run_level(base: str, daemon: Daemon | None, engine: str, n: int, utterances:
         while len(daemon.summaries) < summaries_before + n and time.monotonic() < deadline:
             time.sleep(0.05)
     summaries = daemon.summaries[summaries_before:] if daemon else []
-    steps = after.get("pinguin_engine_step_seconds_count", 0) - before.get("pinguin_engine_step_seconds_count", 0)
-    step_sum = after.get("pinguin_engine_step_seconds_sum", 0) - before.get("pinguin_engine_step_seconds_sum", 0)
+    steps = after.get("pinguin_engine_step_seconds_count", 0) - before.get(
+        "pinguin_engine_step_seconds_count", 0
+    )
+    step_sum = after.get("pinguin_engine_step_seconds_sum", 0) - before.get(
+        "pinguin_engine_step_seconds_sum", 0
+    )
     step_mean = step_sum / steps if steps else float("nan")
     p50 = histogram_percentile(before, after, "pinguin_server_added_latency_seconds", 0.5)
     p99 = histogram_percentile(before, after, "pinguin_server_added_latency_seconds", 0.99)
@@ -298,12 +349,18 @@ def run_level(base: str, daemon: Daemon | None, engine: str, n: int, utterances:
     rtf = wall / audio_s if audio_s else float("nan")
     # A daemon that falls behind builds a backlog in socket buffers first (the client is not held
     # back for many seconds), so keeping up is judged by the wall time of the whole run.
-    keeps_up = (closed == n and (dropped == 0 or not daemon) and rtf <= MAX_RTF
-                and (not growth or max(growth) < 80.0))
+    keeps_up = (
+        closed == n and (dropped == 0 or not daemon) and rtf <= MAX_RTF and (not growth or max(growth) < 80.0)
+    )
     ok = keeps_up and p99 <= 2 * step_mean
     return Level(
-        engine=engine, sessions=n, ok=ok, keeps_up=keeps_up, closed_1000=closed,
-        server_p50_ms=round(p50 * 1000, 1), server_p99_ms=round(p99 * 1000, 1),
+        engine=engine,
+        sessions=n,
+        ok=ok,
+        keeps_up=keeps_up,
+        closed_1000=closed,
+        server_p50_ms=round(p50 * 1000, 1),
+        server_p99_ms=round(p99 * 1000, 1),
         step_mean_ms=round(step_mean * 1000, 1),
         encode_mean_ms=round(1000 * _mean_of(before, after, "pinguin_encoder_seconds"), 1),
         first_text_p50_s=_median([r.first_text_s for r in results if r.first_text_s is not None]),
@@ -312,7 +369,8 @@ def run_level(base: str, daemon: Daemon | None, engine: str, n: int, utterances:
         latency_growth_max_ms=round(max(growth), 1) if growth else None,
         samples_dropped=int(dropped),
         real_time_factor=round(rtf, 3),
-        cpu_percent=round(100 * (cpu1 - cpu0) / wall, 1), rss_mb=round(rss, 1),
+        cpu_percent=round(100 * (cpu1 - cpu0) / wall, 1),
+        rss_mb=round(rss, 1),
     )
 
 
@@ -350,7 +408,9 @@ async def _with_progress(work: Any, progress: _Progress) -> Any:
     return task.result()
 
 
-def engine_alone_capacity(model: str, utterances: list[Utterance], max_n: int, ticks: int = 40) -> dict[str, Any]:
+def engine_alone_capacity(
+    model: str, utterances: list[Utterance], max_n: int, ticks: int = 40
+) -> dict[str, Any]:
     """What the engine plus the Mimi encoders sustain without sockets: ms per tick for N streams
     (N encodes on the worker threads, then one batched step), and the largest N under 80 ms."""
     from concurrent.futures import ThreadPoolExecutor
@@ -373,8 +433,8 @@ def engine_alone_capacity(model: str, utterances: list[Utterance], max_n: int, t
         times = []
         for t in range(ticks):
             start = time.perf_counter()
-            frame = pcm[(t * FRAME_SAMPLES) % (len(pcm) - FRAME_SAMPLES):][:FRAME_SAMPLES][None, None]
-            codes = list(pool.map(lambda enc: enc.encode_step(frame)[0, :, 0], encoders))
+            frame = pcm[(t * FRAME_SAMPLES) % (len(pcm) - FRAME_SAMPLES) :][:FRAME_SAMPLES][None, None]
+            codes = list(pool.map(lambda enc, f=frame: enc.encode_step(f)[0, :, 0], encoders))
             for i, c in enumerate(codes):
                 core.push(f"s{i}", c.astype(np.int64))
             core.step()
@@ -390,19 +450,26 @@ def engine_alone_capacity(model: str, utterances: list[Utterance], max_n: int, t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", help="a running daemon (ws://host:port); default: start one")
     parser.add_argument("--model", default="synthetic", help="model for the daemon the bench starts")
     parser.add_argument("--max-sessions", type=int, default=8, help="ramp N = 1, 2, 4, ... up to this")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of speech per level")
     parser.add_argument("--no-baseline", action="store_true", help="skip the sequential baseline")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
-    parser.add_argument("--daemon-arg", action="append", default=[],
-                        help="extra flag for the daemon, e.g. --daemon-arg=--dtype=f32")
+    parser.add_argument(
+        "--daemon-arg",
+        action="append",
+        default=[],
+        help="extra flag for the daemon, e.g. --daemon-arg=--dtype=f32",
+    )
     args = parser.parse_args()
 
-    utterances = make_speech(Path(os.environ.get("PINGUIN_CACHE_DIR", Path.home() / ".cache" /
-                                                 "pinguin-daemon")) / "bench-speech")
+    utterances = make_speech(
+        Path(os.environ.get("PINGUIN_CACHE_DIR", Path.home() / ".cache" / "pinguin-daemon")) / "bench-speech"
+    )
     ramp = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= args.max_sessions]
     engines = ["batched"] if (args.url or args.no_baseline) else ["batched", "sequential"]
     levels: list[Level] = []
@@ -418,29 +485,44 @@ def main() -> None:
             if daemon:
                 daemon.stop()
     alone = None if args.url else engine_alone_capacity(args.model, utterances, args.max_sessions)
-    capacity = {e: max([lv.sessions for lv in levels if lv.engine == e and lv.ok], default=0) for e in engines}
-    keeps_up = {e: max([lv.sessions for lv in levels if lv.engine == e and lv.keeps_up], default=0)
-                for e in engines}
-    report = {"levels": [asdict(lv) for lv in levels], "capacity": capacity, "keeps_up": keeps_up,
-              "engine_plus_encoder_alone": alone, "duration_s": args.duration,
-              "model": args.url or args.model, "machine": {"cpus": os.cpu_count(), "platform": sys.platform}}
+    capacity = {
+        e: max([lv.sessions for lv in levels if lv.engine == e and lv.ok], default=0) for e in engines
+    }
+    keeps_up = {
+        e: max([lv.sessions for lv in levels if lv.engine == e and lv.keeps_up], default=0) for e in engines
+    }
+    report = {
+        "levels": [asdict(lv) for lv in levels],
+        "capacity": capacity,
+        "keeps_up": keeps_up,
+        "engine_plus_encoder_alone": alone,
+        "duration_s": args.duration,
+        "model": args.url or args.model,
+        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latency.json").write_text(json.dumps(report, indent=2) + "\n")
     print()
-    print("| engine | N | keeps up | ok | p50 ms | p99 ms | step ms | encode ms | first text s | "
-          "final word s (no flush / flush) | growth ms | dropped | RTF | CPU % | RSS MB |")
+    print(
+        "| engine | N | keeps up | ok | p50 ms | p99 ms | step ms | encode ms | first text s | "
+        "final word s (no flush / flush) | growth ms | dropped | RTF | CPU % | RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for lv in levels:
-        print(f"| {lv.engine} | {lv.sessions} | {'yes' if lv.keeps_up else 'no'} | "
-              f"{'yes' if lv.ok else 'no'} | {lv.server_p50_ms} | "
-              f"{lv.server_p99_ms} | {lv.step_mean_ms} | {lv.encode_mean_ms} | {lv.first_text_p50_s} | "
-              f"{lv.eos_final_no_flush_p50_s} / {lv.eos_final_flush_p50_s} | {lv.latency_growth_max_ms} | "
-              f"{lv.samples_dropped} | {lv.real_time_factor} | {lv.cpu_percent} | {lv.rss_mb} |")
+        print(
+            f"| {lv.engine} | {lv.sessions} | {'yes' if lv.keeps_up else 'no'} | "
+            f"{'yes' if lv.ok else 'no'} | {lv.server_p50_ms} | "
+            f"{lv.server_p99_ms} | {lv.step_mean_ms} | {lv.encode_mean_ms} | {lv.first_text_p50_s} | "
+            f"{lv.eos_final_no_flush_p50_s} / {lv.eos_final_flush_p50_s} | {lv.latency_growth_max_ms} | "
+            f"{lv.samples_dropped} | {lv.real_time_factor} | {lv.cpu_percent} | {lv.rss_mb} |"
+        )
     print(f"\nkeeps up with real time up to: {keeps_up}")
     print(f"capacity (keeps up and p99 server-added latency <= 2 engine steps): {capacity}")
     if not args.url and args.model == "synthetic":
-        print("note: the synthetic model emits random text during silence too, so 'final word "
-              "without flush' is not meaningful with it; the flush figure is.")
+        print(
+            "note: the synthetic model emits random text during silence too, so 'final word "
+            "without flush' is not meaningful with it; the flush figure is."
+        )
     if alone:
         print(f"engine + encoder alone (no sockets): {alone['rows']}, capacity {alone['capacity']}")
     _plot(levels, args.out / "latency.png")
@@ -448,10 +530,12 @@ def main() -> None:
 
 
 def _row(lv: Level) -> str:
-    return (f"{lv.engine:<10} N={lv.sessions:<3} {'OK ' if lv.ok else 'NO '} server p50 {lv.server_p50_ms} ms "
-            f"p99 {lv.server_p99_ms} ms, step {lv.step_mean_ms} ms, encode {lv.encode_mean_ms} ms, "
-            f"RTF {lv.real_time_factor}, growth {lv.latency_growth_max_ms} ms, "
-            f"dropped {lv.samples_dropped}, CPU {lv.cpu_percent}%, RSS {lv.rss_mb} MB")
+    return (
+        f"{lv.engine:<10} N={lv.sessions:<3} {'OK ' if lv.ok else 'NO '} server p50 {lv.server_p50_ms} ms "
+        f"p99 {lv.server_p99_ms} ms, step {lv.step_mean_ms} ms, encode {lv.encode_mean_ms} ms, "
+        f"RTF {lv.real_time_factor}, growth {lv.latency_growth_max_ms} ms, "
+        f"dropped {lv.samples_dropped}, CPU {lv.cpu_percent}%, RSS {lv.rss_mb} MB"
+    )
 
 
 def _plot(levels: list[Level], path: Path) -> None:
