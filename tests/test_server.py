@@ -210,3 +210,13 @@ def test_transcribe_command_streams_a_wav_file(daemon: DaemonProcess, ref_model:
     missing = subprocess.run([sys.executable, "-m", "pinguin_daemon", "transcribe",
                               str(tmp_path / "nope.wav")], capture_output=True, text=True)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_serve_with_a_bad_model_says_why(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pinguin_daemon", "serve", "--model", str(tmp_path),
+                           "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{tmp_path}/config.json does not exist" in proc.stderr

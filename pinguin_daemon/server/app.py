@@ -276,11 +276,7 @@ class Daemon:
         if not self.engine.alive:
             self.state = "failed"
             log.error("engine_died", error=repr(self.engine.failed), sessions=len(self.sessions))
-            for sid, session in list(self.sessions.items()):
-                await session.ws.close(Close.INTERNAL, "inference engine stopped; try again later")
-                task = self.tasks.get(sid)
-                if task is not None:
-                    task.cancel()
+            await self._cut_sessions(Close.INTERNAL, "inference engine stopped; try again later")
             server.close()
             await server.wait_closed()
             return 1
@@ -290,16 +286,21 @@ class Daemon:
         deadline = time.monotonic() + self.cfg.shutdown_timeout
         while self.tasks and time.monotonic() < deadline:
             await asyncio.wait(list(self.tasks.values()), timeout=deadline - time.monotonic())
-        for sid, session in list(self.sessions.items()):
-            log.warning("shutdown_deadline", session_id=sid)
-            await session.ws.close(Close.GOING_AWAY, "server shutting down")
-            task = self.tasks.get(sid)
-            if task is not None:
-                task.cancel()
+        if self.sessions:
+            log.warning("shutdown_deadline", sessions=list(self.sessions))
+        await self._cut_sessions(Close.GOING_AWAY, "server shutting down")
         server.close()
         await server.wait_closed()
         log.info("stopped", refused=self.refused)
         return 0
+
+    async def _cut_sessions(self, code: int, reason: str) -> None:
+        """Close every open session now and cancel its handler (it releases its slot)."""
+        for sid, session in list(self.sessions.items()):
+            await session.ws.close(code, reason)
+            task = self.tasks.get(sid)
+            if task is not None:
+                task.cancel()
 
 
 def serve_forever(cfg: Config) -> int:
