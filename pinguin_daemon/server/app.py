@@ -21,6 +21,8 @@ import secrets
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
@@ -57,6 +59,15 @@ def lan_addresses() -> list[str]:
             found.add(str(info[4][0]))
     except OSError:
         pass
+    if sys.platform == "darwin":  # the Mac's Wi-Fi / Ethernet addresses, as System Settings shows
+        for interface in ("en0", "en1"):
+            try:
+                out = subprocess.run(["ipconfig", "getifaddr", interface], capture_output=True,
+                                     text=True, timeout=2).stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                out = ""
+            if out:
+                found.add(out)
     return sorted(a for a in found if not a.startswith("127."))
 
 
@@ -257,6 +268,9 @@ class Daemon:
         urls = [f"{ws}://{h}:{self.port}{WS_PATH}" for h in hosts] or [f"{ws}://127.0.0.1:{self.port}{WS_PATH}"]
         for h in hosts:
             log.info(f"Local network address: {http}://{h}:{self.port}")
+        if not hosts:
+            log.warning("no_lan_address", note="no LAN address found; give the phone this machine's "
+                        "IP address (System Settings > Network) and port")
         log.info("listening", host=host, port=self.port, urls=urls, model=model.files.source,
                  dtype=model.dtype, quantization=model.quantization, slots=self.cfg.max_sessions,
                  vad_heads=model.vad_heads, delay_s=model.files.asr_delay_seconds,
