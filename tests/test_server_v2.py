@@ -132,9 +132,10 @@ def test_v2_flush_mid_stream_then_go_on(candle_daemon: DaemonProcess, ref_model:
      ('{"type": "start", "sample_rate": 4000}', "bad_start", 1007),
      (b"AUDIO", "bad_audio", 1007)],
 )
-def test_v2_errors_are_answered_then_closed(candle_daemon: DaemonProcess, first: str | bytes,
+def test_v2_errors_are_answered_then_closed(candle_daemon: DaemonProcess, ref_model: loader.LoadedModel,
+                                            speech_clips: list[np.ndarray], first: str | bytes,
                                             error: str, code: int) -> None:
-    async def go() -> tuple[list[dict[str, Any]], int | None]:
+    async def bad() -> tuple[list[dict[str, Any]], int | None]:
         received = []
         async with connect(url(candle_daemon, "/v2")) as ws:
             await ws.send(first)
@@ -145,10 +146,21 @@ def test_v2_errors_are_answered_then_closed(candle_daemon: DaemonProcess, first:
                 pass
             return received, ws.close_code
 
-    received, close_code = asyncio.run(go())
+    async def both() -> tuple[tuple[list[dict[str, Any]], int | None], tuple[list[dict[str, Any]], int]]:
+        clip = speech_clips[3]
+        chunks = [clip[i:i + 2400].astype("<f4").tobytes() for i in range(0, len(clip), 2400)]
+        good = asyncio.create_task(v2_session(url(candle_daemon, "/v2"), None, chunks))
+        await asyncio.sleep(0.3)
+        return await bad(), await good
+
+    (received, close_code), (good, good_code) = asyncio.run(both())
     assert [m["type"] for m in received] == ["ready", "error", "closing"]
     assert received[1]["code"] == error and received[1]["message"]
     assert close_code == code == received[2]["code"]
+    # A neighbour streaming at the same time is unaffected.
+    heard = flushed_audio(speech_clips[3], ref_model)
+    expected = reference_words(ref_model, reference_tokens(ref_model, heard))
+    assert good_code == 1000 and words_of(good) == expected
 
 
 def test_v2_start_after_audio_is_an_error(candle_daemon: DaemonProcess) -> None:
