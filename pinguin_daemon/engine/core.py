@@ -87,6 +87,10 @@ class EngineCore:
             self.slots[index].reset(None)
             self.batched.reset_slot(index)
 
+    def has_work(self) -> bool:
+        """Some occupied slot has a frame waiting (the engine thread blocks only when not)."""
+        return any(s.session_id is not None and s.pending for s in self.slots)
+
     def plan(self) -> StepPlan | None:
         return plan_step(self.slots, self.batched.text_start_token, self.batched.audio_pad_token,
                          self.batched.num_codebooks)

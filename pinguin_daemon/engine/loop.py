@@ -163,7 +163,7 @@ class Engine:
         while True:
             # Block only when no slot has work; then take everything that has arrived, so aborts
             # and joins apply before the next step and every ready slot joins the batch.
-            block = core.plan() is None
+            block = not core.has_work()
             try:
                 command = self._inbox.get(block=block)
                 while True:
