@@ -140,6 +140,7 @@ class Session:
     async def _receive_loop(self) -> tuple[int, str, str | None]:
         stop_wait = asyncio.ensure_future(self.stopping.wait())
         slow_wait = asyncio.ensure_future(self.too_slow.wait())
+        recv: asyncio.Future[str | bytes] | None = None
         try:
             while True:
                 recv = asyncio.ensure_future(self.ws.recv())
@@ -171,6 +172,11 @@ class Session:
         finally:
             stop_wait.cancel()
             slow_wait.cancel()
+            if recv is not None:
+                if not recv.done():
+                    recv.cancel()  # the session is cancelled (daemon cutting sessions)
+                elif not recv.cancelled():
+                    recv.exception()  # retrieved: a close that raced the cancellation is expected
 
     async def _handle(self, message: str | bytes, arrived: float) -> tuple[int, str, str | None] | None:
         """Apply one client message (arrived at `arrived`, perf_counter); a (code, reason, error)
