@@ -46,7 +46,6 @@ class EngineCore:
         self.slot_of: dict[str, int] = {}
         self.temperature = temperature
         self.seed = seed
-        self.steps_run = 0  # batched steps so far
         tokenizer = model.text_tokenizer
         self._piece_of = tokenizer.id_to_piece
         self._text_of = lambda ids: tokenizer.decode(list(ids))
@@ -117,7 +116,6 @@ class EngineCore:
             if out.vad is not None:
                 evs.append(EndOfTurnProbs(slot.step, tuple(float(p) for p in out.vad[row])))
             events[slot.session_id] = evs
-        self.steps_run += 1
         return events
 
     def step(self) -> dict[str, list[Event]]:
@@ -139,7 +137,6 @@ class EngineCore:
             self.step()
         for sid in ids:
             self.leave(sid)
-        self.steps_run = 0
 
 
 def sample_top_k(logits: np.ndarray, temperature: float, rng: np.random.Generator,
