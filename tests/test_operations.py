@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import ssl
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from pinguin_daemon.bench.latency import scrape as scrape_metrics
 from pinguin_daemon.client import stream
 from pinguin_daemon.engine.reference import fresh_reference_model
 from pinguin_daemon.model import loader, store
@@ -26,14 +25,7 @@ from .daemon import DaemonProcess, reference_text
 
 
 def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    values = {}
-    for line in text.splitlines():
-        match = re.match(r"^(pinguin_[a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
-        if match:
-            values[match.group(1)] = float(match.group(2))
-    return values
+    return scrape_metrics(f"http://127.0.0.1:{port}")
 
 
 def test_metrics_count_what_happened(synthetic_dir: Path, speech_clips: list[np.ndarray]) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from pinguin_daemon.client import Transcript, stream
 from pinguin_daemon.engine.reference import fresh_reference_model
 from pinguin_daemon.model import loader, store
 
-from .daemon import DaemonProcess, reference_text
+from .daemon import DaemonProcess, http_get, reference_text
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +40,6 @@ async def closed_with(ws) -> tuple[int, str]:  # type: ignore[no-untyped-def]
     except ConnectionClosed as exc:
         assert exc.rcvd is not None, "connection dropped without a close frame"
         return exc.rcvd.code, exc.rcvd.reason
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_one_client_gets_the_reference_text(daemon: DaemonProcess, ref_model: loader.LoadedModel,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from pinguin_daemon.engine.reference import fresh_reference_model
 from pinguin_daemon.model import loader, store
 
-from .daemon import DaemonProcess, flushed_audio, reference_tokens, reference_words
+from .daemon import DaemonProcess, flushed_audio, http_get, reference_tokens, reference_words
 
 TOKEN = "s3cret-token-value"
 
@@ -227,15 +225,6 @@ def test_kyutai_client_flow(candle_daemon: DaemonProcess, ref_model: loader.Load
     assert got == expected and len(got) >= 4
 
 
-def status_of(proc: DaemonProcess, path: str, headers: dict[str, str] | None = None) -> int:
-    request = urllib.request.Request(f"http://127.0.0.1:{proc.port}{path}", headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-
-
 def test_auth_forms_and_refusals(candle_daemon: DaemonProcess) -> None:
     async def handshake(address: str, headers: dict[str, str] | None = None) -> int:
         try:
@@ -254,8 +243,8 @@ def test_auth_forms_and_refusals(candle_daemon: DaemonProcess) -> None:
         assert asyncio.run(handshake(address, headers)) == 101, (address, headers)
     for address, headers in refused:
         assert asyncio.run(handshake(address, headers)) == 401, (address, headers)
-    assert status_of(candle_daemon, "/readyz") == 401
-    assert status_of(candle_daemon, "/readyz", {"Authorization": f"Bearer {TOKEN}"}) == 200
-    assert status_of(candle_daemon, "/healthz") == 200
+    assert http_get(candle_daemon.port, "/readyz")[0] == 401
+    assert http_get(candle_daemon.port, "/readyz", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    assert http_get(candle_daemon.port, "/healthz")[0] == 200
     candle_daemon.wait_event("unauthorized", count=len(refused) + 1)
     assert not any(TOKEN in line or "another-token" in line for line in candle_daemon.raw)
