@@ -202,8 +202,10 @@ def download_repo(repo: str, quantization: str = "none") -> CheckpointFiles:
             weights_path = Path(hf_hub_download(repo, variant))
             weights_name = variant
         except errors.EntryNotFoundError:
-            weights_path = fetch(weights_name)  # no pre-quantized file: quantized in memory
-        except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError) as exc:
+            # No pre-quantized file (or, offline, none cached; LocalEntryNotFoundError is a
+            # subclass): the full weights are fetched and quantized in memory.
+            weights_path = fetch(weights_name)
+        except (errors.HfHubHTTPError, OSError) as exc:
             raise _hub_error(repo, variant, exc) from None
     else:
         weights_path = fetch(weights_name)
