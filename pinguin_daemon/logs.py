@@ -33,8 +33,11 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
+    # The console renderer prints tracebacks itself; JSON needs them turned into an "exception"
+    # string, or a failure's log line says exc_info=true and nothing else.
+    tracebacks: list[structlog.typing.Processor] = [structlog.processors.format_exc_info] if use_json else []
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tracebacks, renderer],
         foreign_pre_chain=shared,
     ))
     root = logging.getLogger()

@@ -19,8 +19,14 @@ import numpy as np
 
 from ..audio.pcm import BadAudio, decode_f32le
 from ..engine.events import EndOfTurnProbs, Event, TextPiece, Word, WordEnd
+from ..logs import get_logger
 from ..model.loader import FRAME_RATE, SAMPLE_RATE
 from .protocol import Close
+
+# A close frame's payload is at most 125 bytes: the code takes 2.
+MAX_REASON_BYTES = 123
+
+log = get_logger("protocol")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +79,14 @@ class Reject:
 Command = AudioIn | FlushIn | FinishIn | MarkerIn | Reply | Reject
 
 
+def clip_reason(reason: str) -> str:
+    """A close reason that fits a close frame (123 bytes of UTF-8), cut on a character boundary."""
+    data = reason.encode()
+    if len(data) <= MAX_REASON_BYTES:
+        return reason
+    return data[: MAX_REASON_BYTES - 3].decode(errors="ignore") + "..."
+
+
 def time_of(step: int, delay_steps: int) -> float:
     """Seconds of audio a step's text refers to (Kyutai: (step - delay) / 12.5)."""
     return max(0, step - delay_steps) / FRAME_RATE
@@ -92,6 +106,19 @@ class Protocol:
 
     def parse(self, message: str | bytes) -> list[Command]:
         raise NotImplementedError
+
+    def commands(self, message: str | bytes) -> list[Command]:
+        """`parse`, guarded: the one place where client bytes become commands. Whatever a parser
+        raises on hostile input (a nesting depth past the recursion limit, a type it did not
+        expect) is the client's bad payload (1007), never an internal error; every close reason
+        fits a close frame."""
+        try:
+            commands = self.parse(message)
+        except Exception as exc:  # noqa: BLE001 - any parser failure is a bad message
+            log.warning("unparseable_message", endpoint=self.path, exc_info=True)
+            return [Reject(Close.BAD_PAYLOAD, f"malformed message ({type(exc).__name__})", "bad_message")]
+        return [Reject(c.code, clip_reason(c.reason), c.error) if isinstance(c, Reject) else c
+                for c in commands]
 
     def render(self, events: list[Event], step: int, buffered: int) -> list[Any]:
         raise NotImplementedError
@@ -212,6 +239,8 @@ class V2Protocol(Protocol):
             msg = json.loads(message)
         except json.JSONDecodeError as exc:
             return [Reject(Close.BAD_PAYLOAD, f"malformed JSON: {exc.msg} at {exc.pos}", "bad_json")]
+        except RecursionError:
+            return [Reject(Close.BAD_PAYLOAD, "malformed JSON: nested too deeply", "bad_json")]
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
             return [Reject(Close.BAD_PAYLOAD, "a control message is a JSON object with a string 'type'",
                            "bad_json")]
@@ -303,8 +332,10 @@ class KyutaiProtocol(Protocol):
             pcm = msg.get("pcm")
             if not isinstance(pcm, list | tuple):
                 return [Reject(Close.BAD_PAYLOAD, "Audio.pcm must be a list of floats")]
+            if not all(isinstance(x, float | int) and not isinstance(x, bool) for x in pcm):
+                return [Reject(Close.BAD_PAYLOAD, "Audio.pcm must be a flat list of numbers")]
             samples = np.asarray(pcm, np.float32)
-            if samples.ndim != 1 or not np.isfinite(samples).all():
+            if not np.isfinite(samples).all():
                 return [Reject(Close.BAD_PAYLOAD, "Audio.pcm must be finite floats")]
             return [AudioIn(samples)]
         if kind == "Marker":
