@@ -1,24 +1,40 @@
-"""Fan-out to one socket: a slow reader gets its text merged, never dropped, and past the bound
-its session is marked for closing (1008) without touching the engine."""
+"""Fan-out to one socket: a slow reader gets its text merged, never dropped; the reader watchdog
+closes a client that stopped reading and never one that reads, however large a message."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from pinguin_daemon.engine.events import TextPiece
+from pinguin_daemon.server import session as session_mod
 from pinguin_daemon.server.protocols import SeedProtocol, SessionInfo
-from pinguin_daemon.server.session import MAX_UNSENT_TEXT_BYTES, Session
+from pinguin_daemon.server.session import MAX_UNREAD_BYTES, Session
+
+
+class FakeTransport:
+    """The kernel side of a socket: it takes bytes only while the client reads."""
+
+    def __init__(self) -> None:
+        self.buffered = 0
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
 
 
 class GatedSocket:
-    """A client that reads only when the test opens the gate."""
+    """A client that reads only while the test opens the gate."""
 
     def __init__(self) -> None:
         self.sent: list[str] = []
         self.gate = asyncio.Event()
+        self.transport = FakeTransport()
 
     async def send(self, text: str) -> None:
+        self.transport.buffered += len(text)
         await self.gate.wait()
+        self.transport.buffered -= len(text)
         self.sent.append(text)
 
 
@@ -26,12 +42,16 @@ def piece(text: str) -> TextPiece:
     return TextPiece(text, 100, 1)
 
 
-def test_slow_reader_gets_merged_text_then_is_cut_off() -> None:
-    async def scenario() -> tuple[list[str], bool, bool]:
+def new_session(ws: GatedSocket) -> Session:
+    info = SessionInfo("s", "synthetic", 0.5, 6, 0, 1, 0.5, 0)
+    return Session(ws, "s", engine=None, encoders=None,  # type: ignore[arg-type]
+                   protocol=SeedProtocol(info), stopping=asyncio.Event())
+
+
+def test_slow_reader_gets_merged_text() -> None:
+    async def scenario() -> list[str]:
         ws = GatedSocket()
-        info = SessionInfo("s", "synthetic", 0.5, 6, 0, 1, 0.5, 0)
-        session = Session(ws, "s", engine=None, encoders=None,  # type: ignore[arg-type]
-                          protocol=SeedProtocol(info), stopping=asyncio.Event())
+        session = new_session(ws)
         sender = asyncio.create_task(session._send_loop())
         session._deliver([piece(" hel")])
         await asyncio.sleep(0.01)  # the sender is now stuck in send(" hel")
@@ -41,14 +61,58 @@ def test_slow_reader_gets_merged_text_then_is_cut_off() -> None:
         assert session.stepped == 4
         ws.gate.set()
         await asyncio.sleep(0.01)
-        before = session.too_slow.is_set()
-        ws.gate.clear()
-        session._deliver([piece(" x")])
-        await asyncio.sleep(0.01)
-        session._deliver([piece("y" * (MAX_UNSENT_TEXT_BYTES + 1))])
         sender.cancel()
-        return ws.sent, before, session.too_slow.is_set()
+        return ws.sent
 
-    sent, slow_before, slow_after = asyncio.run(scenario())
-    assert sent == [" hel", "lo world"]
-    assert not slow_before and slow_after
+    assert asyncio.run(scenario()) == [" hel", "lo world"]
+
+
+@pytest.fixture
+def quick_watchdog(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_mod, "UNREAD_GRACE_S", 0.3)
+    monkeypatch.setattr(session_mod, "READER_CHECK_S", 0.02)
+
+
+async def watch(session: Session, seconds: float) -> bool:
+    """True when the watchdog decided within `seconds` that the client is not reading."""
+    watchdog = asyncio.create_task(session._watch_reader())
+    done, _ = await asyncio.wait({watchdog}, timeout=seconds)
+    watchdog.cancel()
+    return watchdog in done
+
+
+def test_a_client_that_stops_reading_is_caught(quick_watchdog: None) -> None:
+    async def scenario() -> tuple[bool, bool]:
+        ws = GatedSocket()
+        session = new_session(ws)
+        sender = asyncio.create_task(session._send_loop())
+        session._deliver([piece("x" * 100)])
+        under_bound = await watch(session, 1.0)  # stuck, but little is waiting: not yet
+        session._deliver([piece("y" * MAX_UNREAD_BYTES)])
+        over_bound = await watch(session, 1.0)
+        sender.cancel()
+        return under_bound, over_bound
+
+    assert asyncio.run(scenario()) == (False, True)
+
+
+def test_a_reader_is_never_closed_for_one_large_message(quick_watchdog: None) -> None:
+    async def scenario() -> bool:
+        ws = GatedSocket()
+        session = new_session(ws)
+        sender = asyncio.create_task(session._send_loop())
+        session._deliver([piece("z" * (3 * MAX_UNREAD_BYTES))])  # over the bound by itself
+
+        async def slow_reader() -> None:  # drains in small steps, slower than the grace
+            for _ in range(30):
+                await asyncio.sleep(0.05)
+                ws.transport.buffered = max(0, ws.transport.buffered - MAX_UNREAD_BYTES // 8)
+            ws.gate.set()
+
+        reader = asyncio.create_task(slow_reader())
+        caught = await watch(session, 1.6)
+        reader.cancel()
+        sender.cancel()
+        return caught
+
+    assert asyncio.run(scenario()) is False

@@ -43,6 +43,8 @@ class EncoderPool:
         self.max_encoders = max_encoders
         self.threads = threads
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mimi")
+        # Builds run on their own thread: a session's encode never queues behind a 0.5 s build.
+        self.builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mimi-build")
 
     def preload(self) -> None:
         """Build the first spare now (fails early on a bad codec file)."""
@@ -75,15 +77,31 @@ class EncoderPool:
             raise
 
     async def acquire(self) -> Any:
-        """A fresh encoder for a new session (built in a worker thread if no spare is ready)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self._take)
+        """A fresh encoder for a new session (built on the build thread if no spare is ready).
+        Cancellation-safe: if the session goes away first, the encoder becomes a spare."""
+        with self._lock:
+            if self._fresh:
+                return self._fresh.pop()
+        future = asyncio.get_running_loop().run_in_executor(self.builder, self._take)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._keep_unused)
+            raise
+
+    def _keep_unused(self, future: asyncio.Future[Any]) -> None:
+        """An encoder built for a session that left before using it: still fresh, keep it."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        with self._lock:
+            self._fresh.append(future.result())
 
     def release(self, encoder: Any) -> None:
         """Drop a used encoder and build a fresh spare in the background."""
         del encoder
         with self._lock:
             self._alive -= 1
-        future = self.executor.submit(self._build_spare)
+        future = self.builder.submit(self._build_spare)
         future.add_done_callback(_log_failure)
 
     async def encode(self, encoder: Any, frames: np.ndarray) -> np.ndarray:
@@ -94,6 +112,7 @@ class EncoderPool:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.builder.shutdown(wait=False, cancel_futures=True)
 
 
 def _log_failure(future: Any) -> None:

@@ -78,6 +78,8 @@ class Engine:
         # Admission: taken by open_session (any thread), given back when the engine frees the slot,
         # so a Join always finds a free slot on the engine thread.
         self._admission = threading.BoundedSemaphore(num_slots)
+        self._in_use = 0  # slots taken by open_session and not yet freed by the engine thread
+        self._in_use_lock = threading.Lock()
         self._sinks: dict[str, Sink] = {}  # engine thread only
         self._thread = threading.Thread(target=self._run, name="pinguin-engine", daemon=True)
         self.ready = threading.Event()  # model loaded and warmed
@@ -99,8 +101,17 @@ class Engine:
         """Reserve a slot for `session_id`; False when every slot is taken."""
         if not self._admission.acquire(blocking=False):
             return False
+        with self._in_use_lock:
+            self._in_use += 1
         self._inbox.put(_Join(session_id, sink))
         return True
+
+    @property
+    def free_slots(self) -> int:
+        """Slots a new session can take now (a leaving session's slot counts as free once the
+        engine thread has dropped it, before its next step)."""
+        with self._in_use_lock:
+            return self.num_slots - self._in_use
 
     def submit(self, session_id: str, codes: np.ndarray) -> None:
         """Queue one encoded frame for the session."""
@@ -152,6 +163,8 @@ class Engine:
             sink = self._sinks.pop(command.session_id, None)
             if command.session_id in core.slot_of:
                 core.leave(command.session_id)
+                with self._in_use_lock:
+                    self._in_use -= 1
                 self._admission.release()
             if sink is not None:
                 sink([SessionClosed(command.reason)])

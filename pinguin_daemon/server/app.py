@@ -49,6 +49,9 @@ log = get_logger("daemon")
 MAX_QUEUE = 16
 # Outgoing bytes buffered per connection before send() waits for the client to read.
 WRITE_LIMIT = 64 * 1024
+# A session arriving when every slot is taken waits this long for one before 1013; how often it looks.
+ADMISSION_WAIT_S = 1.0
+ADMISSION_POLL_S = 0.02
 
 
 def lan_addresses() -> list[str]:
@@ -86,7 +89,7 @@ class Daemon:
         self.refused = 0
         self._ids = itertools.count(1)
         self.port = 0
-        self.metrics = Metrics(lambda: max(0, self.cfg.max_sessions - len(self.sessions)))
+        self.metrics = Metrics(lambda: self.engine.free_slots)
         self.engine.on_step = self.metrics.observe_step
 
     def _load_model(self) -> LoadedModel:
@@ -143,7 +146,7 @@ class Daemon:
             return self._json(connection, HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, {
                 "ready": ready, "state": self.state, "engine_alive": self.engine.alive,
                 "sessions": len(self.sessions),
-                "free_slots": max(0, self.cfg.max_sessions - len(self.sessions)),
+                "free_slots": self.engine.free_slots,
                 "model": self.cfg.model,
             })
         if path not in PROTOCOLS:
@@ -164,7 +167,7 @@ class Daemon:
                            self.cfg.eot_threshold, self.cfg.vad_interval)
         protocol = PROTOCOLS[urlsplit(ws.request.path).path](info)  # type: ignore[union-attr]
         session = Session(ws, session_id, self.engine, self.encoders, protocol, self.stopping, self.metrics)
-        if self.state != "serving" or not self.engine.open_session(session_id, session.sink):
+        if not await self._admit(session_id, session):
             self.refused += 1
             self.metrics.sessions_refused.inc()
             reason = f"server full: all {self.cfg.max_sessions} slots are busy, try again later"
@@ -188,13 +191,26 @@ class Daemon:
             bound.exception("session_failed")
             await ws.close(Close.INTERNAL, "internal error")
         finally:
-            await session.release()
+            session.release()
             self.sessions.pop(session_id, None)
             self.tasks.pop(session_id, None)
             self.metrics.sessions_open.dec()
             self.metrics.sessions_closed.labels(code=str(int(code))).inc()
             level = logging.INFO if code in (Close.NORMAL, Close.GOING_AWAY, 1000, 1001) else logging.WARNING
             bound.log(level, "session_closed", code=int(code), reason=reason, **session.summary())
+
+    async def _admit(self, session_id: str, session: Session) -> bool:
+        """Take a slot, waiting up to ADMISSION_WAIT_S when all are taken: a slot whose client has
+        just gone (a phone reconnecting after a Wi-Fi switch) frees within that time, so a client
+        is never refused by its own ghost. False: still full (1013) or not serving."""
+        deadline = time.monotonic() + ADMISSION_WAIT_S
+        while self.state == "serving":
+            if self.engine.open_session(session_id, session.sink):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(ADMISSION_POLL_S)
+        return False
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def _wait_engine_ready(self) -> LoadedModel:
@@ -226,7 +242,7 @@ class Daemon:
             threads = self.cfg.encoder_threads or min(self.cfg.max_sessions, os.cpu_count() or 1)
             self.encoders = EncoderPool(model.make_audio_tokenizer, self.cfg.max_sessions, threads)
             try:
-                await loop.run_in_executor(self.encoders.executor, self.encoders.preload)
+                await loop.run_in_executor(self.encoders.builder, self.encoders.preload)
             except Exception as exc:  # rustymimi reports bad files with plain exceptions
                 raise UserError(f"Mimi codec {model.files.mimi_path} cannot be loaded: {exc}") from None
             async with serve(self.handler, self.cfg.host, self.cfg.port,

@@ -23,13 +23,18 @@ from ..logs import get_logger
 from ..model.loader import FRAME_SAMPLES, SAMPLE_RATE
 from .metrics import Metrics
 from .protocol import Close
-from .protocols import AudioIn, FinishIn, FlushIn, MarkerIn, Protocol, Reject, Reply
+from .protocols import AudioIn, FinishIn, FlushIn, MarkerIn, Protocol, Reject, Reply, clip_reason
 
 # Frames handed to the engine and not yet stepped, per session. Past this the session stops
 # reading its socket, so a client sending faster than real time is slowed by TCP, not dropped.
 MAX_FRAMES_IN_FLIGHT = 4
-# Outgoing bytes not yet written to a client that does not read; past it the session is closed.
-MAX_UNSENT_TEXT_BYTES = 64 * 1024
+# Output waiting for a client (the outbox plus websockets' write buffer, i.e. what the kernel did
+# not take): past this bound, with nothing drained for UNREAD_GRACE_S, the client is not reading
+# and is closed with 1008. A client that reads, however large one message, is never closed.
+MAX_UNREAD_BYTES = 64 * 1024
+UNREAD_GRACE_S = 2.0
+# How often the reader watchdog looks at the write buffer.
+READER_CHECK_S = 0.1
 # Silence frames fed after the last audio beyond the model's delay: one for the input lag of one
 # step, one for margin.
 FLUSH_EXTRA_FRAMES = 2
@@ -59,9 +64,10 @@ class Session:
         self.stepped = 0  # frames the engine has consumed
         self.advanced = asyncio.Event()  # set whenever the engine steps this session
         self.outbox: list[Any] = []  # protocol items waiting for the socket
-        self.unsent_bytes = 0
+        self.unsent_bytes = 0  # size of what waits in the outbox (the serialized items, roughly)
+        self.bytes_sent = 0  # payload bytes handed to websockets (the watchdog sees them drain)
         self.outbox_ready = asyncio.Event()
-        self.too_slow = asyncio.Event()  # unsent output passed its bound: the client is not reading
+        self.released = False  # the slot (and encoder) went back
         self.markers: list[tuple[int, int]] = []  # (step that answers it, marker id), in order
         # Server-added latency: per submitted frame, when the message completing it arrived
         # (None for silence the server made up in a flush); per queued output, that step's arrival.
@@ -109,47 +115,64 @@ class Session:
         self.outbox.extend(items)
         self.unsent_bytes += sum(len(str(i)) for i in items)
         self.outbox_ready.set()
-        if self.unsent_bytes > MAX_UNSENT_TEXT_BYTES:
-            self.too_slow.set()
 
     # ---- loop ---------------------------------------------------------------------------------
     async def run(self) -> tuple[int, str]:
-        """Serve the connection until it ends; returns the close code and reason."""
-        self.encoder = await self.encoders.acquire()
+        """Serve the connection until it ends; returns the close code and reason.
+
+        Three things end a session, whichever comes first: the receive side (end of audio, a bad
+        message, the daemon draining), the socket going away (the client left: its slot is
+        released at once, whatever the session was waiting for), or the watchdog finding that the
+        client has stopped reading (1008)."""
         self._queue(self.protocol.opening())
         sender = asyncio.create_task(self._send_loop())
-        error: str | None = None
+        receiver = asyncio.create_task(self._receive_loop())
+        watchdog = asyncio.create_task(self._watch_reader())
+        gone = asyncio.create_task(self.ws.wait_closed())
+        tasks = (receiver, watchdog, gone)
         try:
-            code, reason, error = await self._receive_loop()
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        error: str | None = None
+        if receiver.done() and not receiver.cancelled() and receiver.exception() is None:
+            code, reason, error = receiver.result()
+        elif watchdog.done() and not watchdog.cancelled():
+            code, reason = Close.POLICY, (f"client is not reading: over {MAX_UNREAD_BYTES} bytes of "
+                                          f"output unread for {UNREAD_GRACE_S:g} s")
+            self.log.warning("client_not_reading", unsent_bytes=self.unsent_bytes + self._write_buffer())
+        elif gone.done() and not gone.cancelled():
+            code, reason = self.ws.close_code or 1006, self.ws.close_reason or "connection lost"
+        else:
+            receiver.result()  # the receive side failed: the handler logs it and closes with 1011
+            raise AssertionError("unreachable")
+        self.release()  # the slot is free before the closing handshake, however long that takes
+        try:
+            if code != Close.POLICY and code < 4000 and code not in (1005, 1006):
+                try:  # error / closing messages of the protocol, then the close frame
+                    self.outbox.extend(self.protocol.closing(code, reason, error))
+                    await asyncio.wait_for(self._send_pending(), timeout=5)
+                except (ConnectionClosed, TimeoutError):
+                    pass
         finally:
             sender.cancel()
-        if code == Close.POLICY:
-            self.log.warning("client_not_reading", unsent_bytes=self.unsent_bytes)
-        elif code < 4000 and code not in (1005, 1006):
-            try:  # error / closing messages of the protocol, then the close frame
-                self.outbox.extend(self.protocol.closing(code, reason, error))
-                await asyncio.wait_for(self._send_pending(), timeout=5)
-            except (ConnectionClosed, TimeoutError):
-                pass
         try:
-            await self.ws.close(code, reason)
+            await self.ws.close(code, clip_reason(reason))
         except ConnectionClosed:
             pass
         return code, reason
 
     async def _receive_loop(self) -> tuple[int, str, str | None]:
+        if self.encoders is not None:  # a worker-pool encoder for this session (rustymimi)
+            self.encoder = await self.encoders.acquire()
         stop_wait = asyncio.ensure_future(self.stopping.wait())
-        slow_wait = asyncio.ensure_future(self.too_slow.wait())
         recv: asyncio.Future[str | bytes] | None = None
         try:
             while True:
                 recv = asyncio.ensure_future(self.ws.recv())
-                done, _ = await asyncio.wait({recv, stop_wait, slow_wait},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if slow_wait in done:
-                    recv.cancel()
-                    return (Close.POLICY, f"client is not reading: over {MAX_UNSENT_TEXT_BYTES} "
-                            "bytes of output unread", None)
+                done, _ = await asyncio.wait({recv, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                 if recv in done:
                     try:
                         message = recv.result()
@@ -171,17 +194,37 @@ class Session:
                             f"{self.reframer.samples_in} samples", None)
         finally:
             stop_wait.cancel()
-            slow_wait.cancel()
             if recv is not None:
                 if not recv.done():
-                    recv.cancel()  # the session is cancelled (daemon cutting sessions)
+                    recv.cancel()  # the session is cancelled (the client left, or the daemon cuts it)
                 elif not recv.cancelled():
                     recv.exception()  # retrieved: a close that raced the cancellation is expected
+
+    def _write_buffer(self) -> int:
+        """Bytes websockets has written to the transport that the kernel has not taken yet."""
+        transport = getattr(self.ws, "transport", None)
+        return int(transport.get_write_buffer_size()) if transport is not None else 0
+
+    async def _watch_reader(self) -> None:
+        """Returns when the client has stopped reading: more than MAX_UNREAD_BYTES wait for it
+        (outbox + write buffer) and none of it has drained for UNREAD_GRACE_S."""
+        calm = time.monotonic()  # last time the output was under the bound or drained
+        drained_most = 0
+        while True:
+            await asyncio.sleep(READER_CHECK_S)
+            buffered = self._write_buffer()
+            drained = self.bytes_sent - buffered
+            now = time.monotonic()
+            if self.unsent_bytes + buffered <= MAX_UNREAD_BYTES or drained > drained_most:
+                calm = now
+            drained_most = max(drained_most, drained)
+            if now - calm >= UNREAD_GRACE_S:
+                return
 
     async def _handle(self, message: str | bytes, arrived: float) -> tuple[int, str, str | None] | None:
         """Apply one client message (arrived at `arrived`, perf_counter); a (code, reason, error)
         when the session must end."""
-        for command in self.protocol.parse(message):
+        for command in self.protocol.commands(message):
             if isinstance(command, AudioIn):
                 await self._submit(self.reframer.push(command.samples), arrived)
             elif isinstance(command, FlushIn):
@@ -216,7 +259,8 @@ class Session:
             return
         started = time.perf_counter()
         self._encoding = asyncio.ensure_future(self.encoders.encode(self.encoder, frames))
-        codes = await asyncio.shield(self._encoding)  # a cancelled session still waits in release()
+        # Shielded: a session cancelled mid-encode gives its encoder back when it ends (release).
+        codes = await asyncio.shield(self._encoding)
         if self.metrics is not None:
             self.metrics.encoder_seconds.observe(time.perf_counter() - started)
         for row in codes:
@@ -256,6 +300,7 @@ class Session:
         self.unsent_bytes = 0
         self.outbox_ready.clear()
         for message in self.protocol.wire(items):
+            self.bytes_sent += len(message)
             await self.ws.send(message)
             self.sent_messages += 1
             if self.metrics is not None:
@@ -274,14 +319,28 @@ class Session:
             except ConnectionClosed:
                 return  # the receive side reports the close
 
-    async def release(self) -> None:
-        """Free the slot and the encoder: the engine drops the slot before its next step."""
+    def release(self) -> None:
+        """Give the slot back now (the engine drops it before its next step) and the encoder as
+        soon as no encode uses it. Idempotent: called when the session ends and again by the
+        handler, whatever path it took."""
+        if self.released:
+            return
+        self.released = True
         self.engine.close_session(self.id, "session ended")
+        encoder, self.encoder = self.encoder, None
+        if encoder is None or self.encoders is None:
+            return
+        encoders = self.encoders
         if self._encoding is not None and not self._encoding.done():
-            await asyncio.wait([self._encoding])  # never drop an encoder still in use
-        if self.encoder is not None:
-            self.encoders.release(self.encoder)
-            self.encoder = None
+            # Never drop an encoder a worker still uses: give it back when the encode ends.
+            def give_back(done: asyncio.Future[np.ndarray]) -> None:
+                if not done.cancelled():
+                    done.exception()  # retrieved: nobody waits for this encode any more
+                encoders.release(encoder)
+
+            self._encoding.add_done_callback(give_back)
+        else:
+            encoders.release(encoder)
 
     def summary(self) -> dict[str, Any]:
         lat = np.array(self.latencies) * 1000
