@@ -26,22 +26,29 @@ class StepOutput:
     tokens: np.ndarray  # (B,) int: greedy tokens (argmax), or sampled when logits were asked for
     logits: np.ndarray | None  # (B, V) float32 for rows that sample with temperature, else None
     vad: np.ndarray | None  # (B, heads) float32: P(end of turn) per head; None without heads
+    codes: np.ndarray | None = None  # (B, n_q) codes of the frames consumed now, when the engine encoded them
 
 
 class BatchedLm:
     """Per-slot KV rings and positions around a loaded moshi_mlx `Lm`."""
 
-    def __init__(self, lm: models.Lm, num_slots: int, dtype: mx.Dtype) -> None:
+    def __init__(self, lm: models.Lm, num_slots: int, dtype: mx.Dtype, fixed_shape: bool = False) -> None:
         """Allocate the caches.
 
         Args:
             lm: the loaded model (weights are shared, never copied).
             num_slots: batch slots (max concurrent sessions).
             dtype: compute dtype (mx.bfloat16 or mx.float32).
+            fixed_shape: every step computes every slot over the whole window, rows without a
+                frame masked and their caches untouched: no kernel sees a shape that depends on
+                who else is connected (accelerators: bit-identical rows alone or in company, and
+                no gather of the active rows' caches). Otherwise only the active rows are
+                gathered, over the filled prefix of the window (faster on CPU).
         """
         cfg = lm.cfg.transformer
         self.lm = lm
         self.dtype = dtype
+        self.fixed_shape = fixed_shape
         self.num_slots = num_slots
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.d_model // cfg.num_heads
@@ -71,6 +78,26 @@ class BatchedLm:
         """Forget a slot's history: its cells become empty (masked), so old keys are never seen."""
         self.cell_pos[slot] = -1
 
+    def _step_all(self, slots: np.ndarray, positions: np.ndarray, text_tokens: np.ndarray,
+                  audio_tokens: np.ndarray, want_logits: np.ndarray | None) -> StepOutput:
+        """A fixed-shape step: every slot is a row; those not in `slots` are masked out."""
+        active = np.zeros(self.num_slots, bool)
+        active[slots] = True
+        full_pos = np.zeros(self.num_slots, np.int64)
+        full_pos[slots] = positions
+        full_text = np.full(self.num_slots, self.text_start_token, np.int64)
+        full_text[slots] = text_tokens
+        full_audio = np.full((self.num_slots, self.num_codebooks), self.audio_pad_token, np.int64)
+        full_audio[slots] = audio_tokens
+        full_want = None
+        if want_logits is not None:
+            full_want = np.zeros(self.num_slots, bool)
+            full_want[slots] = want_logits
+        out = self.step(np.arange(self.num_slots), full_pos, full_text, full_audio, full_want, active)
+        return StepOutput(tokens=out.tokens[slots],
+                          logits=None if out.logits is None else out.logits[slots],
+                          vad=None if out.vad is None else out.vad[slots])
+
     def _rope(self, x: mx.array, positions: mx.array) -> mx.array:
         """Rotary embedding with one position per row. x: (B, H, 1, Dh); positions: (B,)."""
         theta = positions.astype(self._angle_dtype)[:, None] * self._inv_freq[None]
@@ -88,6 +115,7 @@ class BatchedLm:
         text_tokens: np.ndarray,
         audio_tokens: np.ndarray,
         want_logits: np.ndarray | None = None,
+        active_rows: np.ndarray | None = None,
     ) -> StepOutput:
         """Run one step for the given slots.
 
@@ -97,20 +125,33 @@ class BatchedLm:
             text_tokens: (B,) previous sampled text token (start token at position 0).
             audio_tokens: (B, n_q) previous audio frame's codes (padding at position 0).
             want_logits: (B,) bool, rows whose logits the caller samples itself.
+            active_rows: (B,) bool, rows that consume a frame now (None: all); the others are
+                computed for the shape's sake only and leave their caches untouched.
         """
+        if self.fixed_shape and len(slots) < self.num_slots:
+            return self._step_all(slots, positions, text_tokens, audio_tokens, want_logits)
         lm = self.lm
         batch = len(slots)
         all_slots = batch == self.num_slots  # slots are ascending and distinct: 0..S-1
         cells = positions % self.cells
-        self.cell_pos[slots, cells] = positions
+        if active_rows is None:
+            self.cell_pos[slots, cells] = positions
+        else:
+            self.cell_pos[slots[active_rows], cells[active_rows]] = positions[active_rows]
         # Until a ring wraps, cells past the highest position are empty for every row: attend to
         # the filled prefix only (dropping fully masked keys leaves the result bit-identical).
-        span = int(min(self.cells, positions.max() + 1))
+        span = self.cells if self.fixed_shape else int(min(self.cells, positions.max() + 1))
         valid = self.cell_pos[slots, :span] >= 0
+        if active_rows is not None:  # rows without a frame attend to one cell: finite, unused
+            valid[~active_rows, 0] = True
         mask = mx.array(np.where(valid, 0.0, -np.inf)[:, None, None, :]).astype(self.dtype)
-        slot_idx = mx.array(slots.astype(np.int32))
-        cell_idx = mx.array(cells.astype(np.int32))
         pos = mx.array(positions.astype(np.int32))
+        row_idx = mx.array(slots.astype(np.int32))
+        # Cache writes: every row, or only the rows that have a frame.
+        writing = slots if active_rows is None else slots[active_rows]
+        slot_idx = mx.array(writing.astype(np.int32))
+        cell_idx = mx.array((cells if active_rows is None else cells[active_rows]).astype(np.int32))
+        write_rows = None if active_rows is None else mx.array(np.flatnonzero(active_rows).astype(np.int32))
 
         # Same summation order as Lm._sample: text embedding, then each codebook in turn.
         xs = lm.text_emb(mx.array(text_tokens.astype(np.int32))[:, None])
@@ -127,13 +168,17 @@ class BatchedLm:
             k = self._rope(qkv[:, :, 1].transpose(0, 2, 1, 3), pos)
             v = qkv[:, :, 2].transpose(0, 2, 1, 3)
             keys, values = self.keys[i], self.values[i]
-            keys[slot_idx, :, cell_idx] = k[:, :, 0]
-            values[slot_idx, :, cell_idx] = v[:, :, 0]
+            if write_rows is None:
+                keys[slot_idx, :, cell_idx] = k[:, :, 0]
+                values[slot_idx, :, cell_idx] = v[:, :, 0]
+            else:
+                keys[slot_idx, :, cell_idx] = k[write_rows, :, 0]
+                values[slot_idx, :, cell_idx] = v[write_rows, :, 0]
             self.keys[i], self.values[i] = keys, values
             if all_slots:
                 k_rows, v_rows = keys, values
             else:
-                k_rows, v_rows = keys[slot_idx], values[slot_idx]
+                k_rows, v_rows = keys[row_idx], values[row_idx]
             if span < self.cells:
                 k_rows, v_rows = k_rows[:, :, :span], v_rows[:, :, :span]
             out = mx.fast.scaled_dot_product_attention(q, k_rows, v_rows, scale=attn.scale, mask=mask)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..model.loader import FRAME_RATE, LoadedModel, mx_dtype
+from ..model.loader import FRAME_RATE, FRAME_SAMPLES, LoadedModel, mx_dtype
 from .batched_lm import BatchedLm, StepOutput
+from .batched_mimi import BatchedMimiEncoder, load_mimi
 from .events import EndOfTurnProbs, Event
 from .plan import SlotState, StepPlan, plan_step
 from .words import WordDecoder
@@ -32,15 +34,25 @@ class EngineCore:
     """Owns the batched model, the slots and each session's decoding state."""
 
     def __init__(self, model: LoadedModel, num_slots: int, temperature: float = 0.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, encode_audio: bool = False, fixed_shape: bool = False,
+                 encoder_dtype: str = "f32") -> None:
         """Args:
             model: the loaded checkpoint.
             num_slots: concurrent sessions (batch rows).
             temperature: 0 for greedy (Kyutai's reference), > 0 to sample.
             seed: base seed; each session's generator is seeded from it and the session id.
+            encode_audio: sessions push 1920-sample PCM frames and each step encodes them with
+                the batched MLX Mimi first; otherwise they push codes encoded elsewhere.
+            fixed_shape: every step computes every slot (see BatchedLm), for accelerators.
+            encoder_dtype: the batched Mimi's compute dtype ("f32": codes equal rustymimi's).
         """
         self.model = model
-        self.batched = BatchedLm(model.lm, num_slots, mx_dtype(model.dtype))
+        self.batched = BatchedLm(model.lm, num_slots, mx_dtype(model.dtype), fixed_shape)
+        self.encoder: BatchedMimiEncoder | None = None
+        if encode_audio:
+            dtype = mx_dtype(encoder_dtype)
+            mimi = load_mimi(str(model.files.mimi_path), model.num_codebooks, dtype)
+            self.encoder = BatchedMimiEncoder(mimi, num_slots, dtype, fixed_shape)
         self.slots = [SlotState(i) for i in range(num_slots)]
         self.streams: dict[str, Stream] = {}
         self.slot_of: dict[str, int] = {}
@@ -63,6 +75,8 @@ class EngineCore:
             raise EngineFull
         slot.reset(session_id, sampled=self.temperature > 0)
         self.batched.reset_slot(slot.index)
+        if self.encoder is not None:
+            self.encoder.reset_slot(slot.index)
         rng = None
         if self.temperature > 0:
             rng = np.random.default_rng([self.seed, *session_id.encode()])
@@ -71,9 +85,10 @@ class EngineCore:
         self.slot_of[session_id] = slot.index
         return slot.index
 
-    def push(self, session_id: str, codes: np.ndarray) -> None:
-        """Queue one encoded frame, (n_q,) codes, for the session."""
-        self.slots[self.slot_of[session_id]].pending.append(codes)
+    def push(self, session_id: str, frame: np.ndarray) -> None:
+        """Queue one frame for the session: (1920,) float32 samples when the engine encodes
+        audio, else (n_q,) codes."""
+        self.slots[self.slot_of[session_id]].pending.append(frame)
 
     def pending_frames(self, session_id: str) -> int:
         return len(self.slots[self.slot_of[session_id]].pending)
@@ -85,6 +100,8 @@ class EngineCore:
         if index is not None:
             self.slots[index].reset(None)
             self.batched.reset_slot(index)
+            if self.encoder is not None:
+                self.encoder.reset_slot(index)
 
     def has_work(self) -> bool:
         """Some occupied slot has a frame waiting (the engine thread blocks only when not)."""
@@ -95,8 +112,13 @@ class EngineCore:
                          self.batched.num_codebooks)
 
     def run(self, plan: StepPlan) -> StepOutput:
-        return self.batched.step(plan.slots, plan.positions, plan.text_tokens, plan.audio_tokens,
-                                 plan.sample)
+        """Encode this step's frames (when the engine encodes audio), then one LM step."""
+        codes = None
+        if self.encoder is not None:
+            codes = self.encoder.encode(plan.slots, np.stack(plan.frames))
+        out = self.batched.step(plan.slots, plan.positions, plan.text_tokens, plan.audio_tokens,
+                                plan.sample)
+        return out if codes is None else dataclasses.replace(out, codes=codes)
 
     def update(self, plan: StepPlan, out: StepOutput) -> dict[str, list[Event]]:
         """Turn the step's tokens into per-session events and advance each stepped slot."""
@@ -109,7 +131,7 @@ class EngineCore:
             if plan.sample[row] and out.logits is not None and stream.rng is not None:
                 token = sample_top_k(out.logits[row], self.temperature, stream.rng)
             slot.pending.popleft()
-            slot.prev_audio = plan.frames[row]
+            slot.prev_audio = plan.frames[row] if out.codes is None else out.codes[row]
             slot.prev_text = token
             slot.step += 1
             evs = stream.decoder.feed(token)
@@ -128,7 +150,8 @@ class EngineCore:
     def warmup(self, steps: int = 2) -> None:
         """Run a few throwaway steps on every slot (compiles kernels, touches all weights)."""
         ids = [f"warmup-{i}" for i in range(len(self.slots))]
-        silence = np.zeros(self.batched.num_codebooks, np.int64)
+        silence = (np.zeros(FRAME_SAMPLES, np.float32) if self.encoder is not None
+                   else np.zeros(self.batched.num_codebooks, np.int64))
         for sid in ids:
             self.join(sid)
         for _ in range(steps):

@@ -45,10 +45,12 @@ class SequentialCore(EngineCore):
         lm = self.model.lm
         tokens = np.zeros(len(plan.slots), np.int64)
         vad = np.zeros((len(plan.slots), len(lm.extra_heads)), np.float32) if lm.extra_heads else None
+        codes = (self.encoder.encode(plan.slots, np.stack(plan.frames)) if self.encoder is not None
+                 else np.stack(plan.frames))
         for row, slot in enumerate(plan.slots):
             cache, gen = self._gens[int(slot)]
             lm.transformer_cache = cache
-            audio = mx.array(plan.frames[row][None].astype(np.int32))  # LmGen keeps the lag itself
+            audio = mx.array(codes[row][None].astype(np.int32))  # LmGen keeps the lag itself
             if vad is not None:
                 token, heads = gen.step_with_extra_heads(audio)
                 mx.eval(token, heads)
@@ -56,4 +58,5 @@ class SequentialCore(EngineCore):
             else:
                 token = gen.step(audio)
             tokens[row] = int(token[0].item())
-        return StepOutput(tokens=tokens, logits=None, vad=vad)
+        return StepOutput(tokens=tokens, logits=None, vad=vad,
+                          codes=codes if self.encoder is not None else None)
