@@ -17,6 +17,8 @@ from pinguin_daemon.engine.core import EngineCore
 from pinguin_daemon.engine.reference import fresh_reference_model, reference_run
 from pinguin_daemon.model import loader, store
 
+from .engine_driver import StreamSpec, mismatches, run_schedule
+
 FRAME = 1920
 
 
@@ -139,30 +141,13 @@ def test_engine_encoding_audio_equals_lmgen_alone_on_those_codes(
         model: loader.LoadedModel, mimi_f32, speech_clips: list[np.ndarray]) -> None:  # type: ignore[no-untyped-def]
     """The engine encodes PCM in its batch, then steps the LM: each session's tokens equal
     Kyutai's LmGen run alone on the codes its audio encodes to (f32: exact)."""
-    clips = [frames_of(speech_clips[i])[:20] for i in range(3)]
-    core = EngineCore(model, 2, encode_audio=True)
-    tokens: dict[str, list[int]] = {}
-    pending = {f"s{i}": list(c) for i, c in enumerate(clips)}
-    joined: list[str] = []
-    for tick in range(200):
-        for name in list(pending):
-            if name not in core.slot_of and name not in joined and core.free_slots and tick >= 3 * int(name[1]):
-                core.join(name)
-                joined.append(name)
-                tokens[name] = []
-            if name in core.slot_of and pending[name] and core.pending_frames(name) == 0:
-                core.push(name, pending[name].pop(0))
-        plan = core.plan()
-        if plan is not None:
-            for sid, events in core.update(plan, core.run(plan)).items():
-                tokens[sid].append(core.slots[core.slot_of[sid]].prev_text)
-                del events
-        for name in list(core.slot_of):
-            if not pending[name] and core.pending_frames(name) == 0 and name in tokens:
-                core.leave(name)
-        if len(joined) == 3 and not core.slot_of:
-            break
+    # Three sessions, two slots (one is reused); StreamSpec's rows are PCM frames here.
+    specs = [StreamSpec(f"s{i}", frames_of(speech_clips[i])[:20], join_tick=3 * i,
+                        skip_every=3 if i == 1 else 0) for i in range(3)]
+    rec = run_schedule(EngineCore(model, 2, encode_audio=True), specs)
     ref_model = fresh_reference_model(model)
-    for i, clip in enumerate(clips):
-        codes = run_encoder(BatchedMimiEncoder(mimi_f32, 1, mx.float32), [Stream("x", clip, 0)])["x"]
-        assert tokens[f"s{i}"] == reference_run(ref_model, codes).tokens
+    refs = {}
+    for spec in specs:
+        codes = run_encoder(BatchedMimiEncoder(mimi_f32, 1, mx.float32), [Stream("x", spec.codes, 0)])["x"]
+        refs[spec.name] = reference_run(ref_model, codes)
+    assert mismatches(rec, refs) == []
