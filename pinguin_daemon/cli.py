@@ -88,8 +88,10 @@ def cmd_check_model(args: argparse.Namespace) -> int:
           f"({files.asr_delay_seconds:.2f} s)")
     print(f"end-of-turn     {model.vad_heads} VAD heads" if model.vad_heads else
           "end-of-turn     no VAD heads (use the -candle checkpoint for end-of-turn detection)")
+    from .engine.loop import mlx_device
+
     print(f"compute         dtype {model.dtype}, quantization {model.quantization}, "
-          f"loaded in {load_s:.1f} s")
+          f"loaded in {load_s:.1f} s, MLX device {mlx_device()}")
     # One real frame through Mimi and one LM step: proves the files work together.
     import mlx.core as mx
     from moshi_mlx import models, utils

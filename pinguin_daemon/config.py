@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "log_format": ("auto", "console", "json"),
     "log_level": ("debug", "info", "warning", "error"),
     "engine": ("batched", "sequential"),
+    "encoder": ("auto", "mlx", "rustymimi"),
 }
 
 
@@ -52,6 +53,7 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     engine: str = "batched"
+    encoder: str = "auto"
 
 
 def _convert(key: str, raw: Any, source: str) -> Any:

@@ -26,6 +26,18 @@ from .events import Event, SessionClosed
 Sink = Callable[[list[Event]], None]
 log = get_logger("engine")
 
+def mlx_device() -> str:
+    """What MLX computes on: "metal", "cuda", or "cpu" (a CPU-only MLX, or no GPU found)."""
+    import mlx.core as mx
+
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    return "cuda" if cuda is not None and cuda.is_available() else "gpu"
+
+
 # A step slower than one frame (80 ms) cannot keep up with real time: warn about it.
 REALTIME_BUDGET_S = 0.080
 
@@ -39,7 +51,7 @@ class _Join:
 @dataclass(frozen=True, slots=True)
 class _Frame:
     session_id: str
-    codes: np.ndarray  # (n_q,) audio codes
+    frame: np.ndarray  # (1920,) samples (mlx encoder) or (n_q,) audio codes
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +72,7 @@ class Engine:
     """Runs `EngineCore` on a dedicated thread and admits sessions up to the slot count."""
 
     def __init__(self, load: Callable[[], LoadedModel], num_slots: int, temperature: float = 0.0,
-                 seed: int = 0, mode: str = "batched") -> None:
+                 seed: int = 0, mode: str = "batched", encoder: str = "rustymimi") -> None:
         """Args:
             load: builds the model; called on the engine thread (MLX stays on one thread).
             num_slots: concurrent sessions.
@@ -68,8 +80,14 @@ class Engine:
             seed: base seed for sampling.
             mode: "batched" (one MLX step for all slots) or "sequential" (the seed's design:
                 one LmGen per session, stepped one after another; a benchmark baseline).
+            encoder: "mlx" (the engine encodes audio with its batched Mimi: sessions submit
+                PCM frames), "rustymimi" (sessions submit codes) or "auto" (mlx when MLX computes
+                on a GPU, rustymimi on a CPU-only MLX); resolved on the engine thread.
         """
         self._mode = mode
+        self._encoder_setting = encoder
+        self.encoder = ""  # "mlx" or "rustymimi", once resolved
+        self.device = ""  # what MLX computes on, once loaded
         self._load = load
         self.num_slots = num_slots
         self._temperature = temperature
@@ -113,9 +131,9 @@ class Engine:
         with self._in_use_lock:
             return self.num_slots - self._in_use
 
-    def submit(self, session_id: str, codes: np.ndarray) -> None:
-        """Queue one encoded frame for the session."""
-        self._inbox.put(_Frame(session_id, codes))
+    def submit(self, session_id: str, frame: np.ndarray) -> None:
+        """Queue one frame for the session: (1920,) samples with the mlx encoder, else codes."""
+        self._inbox.put(_Frame(session_id, frame))
 
     def close_session(self, session_id: str, reason: str = "closed") -> None:
         """Release the session's slot before the next step; its sink gets SessionClosed."""
@@ -131,15 +149,23 @@ class Engine:
         try:
             started = time.perf_counter()
             self.model = self._load()
+            self.device = mlx_device()
+            on_gpu = self.device != "cpu"
+            self.encoder = self._encoder_setting
+            if self.encoder == "auto":  # rustymimi is ~5x faster than MLX convolutions on a CPU
+                self.encoder = "mlx" if on_gpu else "rustymimi"
+            # On a GPU, steps of a fixed shape: kernels never depend on who else is connected.
+            core_class = EngineCore
             if self._mode == "sequential":
                 from .sequential import SequentialCore
 
-                core: EngineCore = SequentialCore(self.model, self.num_slots, self._temperature, self._seed)
-            else:
-                core = EngineCore(self.model, self.num_slots, self._temperature, self._seed)
+                core_class = SequentialCore
+            core = core_class(self.model, self.num_slots, self._temperature, self._seed,
+                              encode_audio=self.encoder == "mlx", fixed_shape=on_gpu)
             core.warmup()
             self.load_seconds = time.perf_counter() - started
-            log.info("engine_ready", slots=self.num_slots, load_s=round(self.load_seconds, 2))
+            log.info("engine_ready", slots=self.num_slots, load_s=round(self.load_seconds, 2),
+                     device=self.device, encoder=self.encoder, fixed_shape=on_gpu)
             self.ready.set()
             self._loop(core)
         except BaseException as exc:  # noqa: BLE001 - reported through `failed` and the log
@@ -158,7 +184,7 @@ class Engine:
             self._sinks[command.session_id] = command.sink
         elif isinstance(command, _Frame):
             if command.session_id in core.slot_of:  # frames racing a close are dropped with it
-                core.push(command.session_id, command.codes)
+                core.push(command.session_id, command.frame)
         elif isinstance(command, _Leave):
             sink = self._sinks.pop(command.session_id, None)
             if command.session_id in core.slot_of:

@@ -79,7 +79,8 @@ class Daemon:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.engine = Engine(self._load_model, cfg.max_sessions, cfg.temperature, cfg.seed, cfg.engine)
+        self.engine = Engine(self._load_model, cfg.max_sessions, cfg.temperature, cfg.seed, cfg.engine,
+                             cfg.encoder)
         self.encoders: EncoderPool | None = None
         self.sessions: dict[str, Session] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}  # handler task per session
@@ -147,7 +148,7 @@ class Daemon:
                 "ready": ready, "state": self.state, "engine_alive": self.engine.alive,
                 "sessions": len(self.sessions),
                 "free_slots": self.engine.free_slots,
-                "model": self.cfg.model,
+                "model": self.cfg.model, "device": self.engine.device, "encoder": self.engine.encoder,
             })
         if path not in PROTOCOLS:
             return connection.respond(HTTPStatus.NOT_FOUND, f"unknown path {path}: stream audio to "
@@ -158,7 +159,7 @@ class Daemon:
 
     # ---- sessions -----------------------------------------------------------------------------
     async def handler(self, ws: ServerConnection) -> None:
-        assert self.encoders is not None and self.engine.model is not None
+        assert self.engine.model is not None
         session_id = f"{next(self._ids):05d}-{secrets.token_hex(3)}"
         bound = log.bind(session_id=session_id, peer=str(ws.remote_address[0]) if ws.remote_address else "")
         model = self.engine.model
@@ -239,12 +240,14 @@ class Daemon:
             ssl_context = self._ssl_context()
             model = await self._wait_engine_ready()
             self.metrics.model_load_seconds.set(self.engine.load_seconds)
-            threads = self.cfg.encoder_threads or min(self.cfg.max_sessions, os.cpu_count() or 1)
-            self.encoders = EncoderPool(model.make_audio_tokenizer, self.cfg.max_sessions, threads)
-            try:
-                await loop.run_in_executor(self.encoders.builder, self.encoders.preload)
-            except Exception as exc:  # rustymimi reports bad files with plain exceptions
-                raise UserError(f"Mimi codec {model.files.mimi_path} cannot be loaded: {exc}") from None
+            threads = 0
+            if self.engine.encoder == "rustymimi":  # otherwise the engine encodes in its batch
+                threads = self.cfg.encoder_threads or min(self.cfg.max_sessions, os.cpu_count() or 1)
+                self.encoders = EncoderPool(model.make_audio_tokenizer, self.cfg.max_sessions, threads)
+                try:
+                    await loop.run_in_executor(self.encoders.builder, self.encoders.preload)
+                except Exception as exc:  # rustymimi reports bad files with plain exceptions
+                    raise UserError(f"Mimi codec {model.files.mimi_path} cannot be loaded: {exc}") from None
             async with serve(self.handler, self.cfg.host, self.cfg.port,
                              process_request=self.process_request,
                              max_size=self.cfg.max_message_bytes, max_queue=MAX_QUEUE,
@@ -290,7 +293,9 @@ class Daemon:
         log.info("listening", host=host, port=self.port, urls=urls, model=model.files.source,
                  dtype=model.dtype, quantization=model.quantization, slots=self.cfg.max_sessions,
                  vad_heads=model.vad_heads, delay_s=model.files.asr_delay_seconds,
-                 encoder_threads=threads, encoder_memory="~450 MB per active session (rustymimi)",
+                 device=self.engine.device, encoder=self.engine.encoder, encoder_threads=threads,
+                 encoder_memory=("~450 MB per active session (rustymimi)" if self.encoders is not None
+                                 else "shared by all sessions (batched MLX Mimi)"),
                  engine=self.cfg.engine,
                  startup_s=round(startup_s, 2))
         if model.files.synthetic:

@@ -47,7 +47,7 @@ log = get_logger("session")
 class Session:
     """State and tasks of one streaming connection. Lives on the event loop."""
 
-    def __init__(self, ws: ServerConnection, session_id: str, engine: Engine, encoders: EncoderPool,
+    def __init__(self, ws: ServerConnection, session_id: str, engine: Engine, encoders: EncoderPool | None,
                  protocol: Protocol, stopping: asyncio.Event, metrics: Metrics | None = None) -> None:
         self.ws = ws
         self.id = session_id
@@ -257,13 +257,15 @@ class Session:
         """
         if not len(frames):
             return
-        started = time.perf_counter()
-        self._encoding = asyncio.ensure_future(self.encoders.encode(self.encoder, frames))
-        # Shielded: a session cancelled mid-encode gives its encoder back when it ends (release).
-        codes = await asyncio.shield(self._encoding)
-        if self.metrics is not None:
-            self.metrics.encoder_seconds.observe(time.perf_counter() - started)
-        for row in codes:
+        rows = frames  # the engine encodes them in its batch (mlx encoder)
+        if self.encoders is not None:  # encoded here, on the worker pool (rustymimi)
+            started = time.perf_counter()
+            self._encoding = asyncio.ensure_future(self.encoders.encode(self.encoder, frames))
+            # Shielded: a session cancelled mid-encode gives its encoder back when it ends (release).
+            rows = await asyncio.shield(self._encoding)
+            if self.metrics is not None:
+                self.metrics.encoder_seconds.observe(time.perf_counter() - started)
+        for row in rows:
             while self.submitted - self.stepped >= MAX_FRAMES_IN_FLIGHT:
                 self.advanced.clear()
                 await self.advanced.wait()
