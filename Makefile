@@ -30,17 +30,21 @@ lint: setup
 	$(BIN)/ruff check pinguin_daemon tests
 	$(BIN)/mypy pinguin_daemon
 
-# Engine micro-benchmark (issue 3): batched engine vs one LmGen per stream.
+# Engine micro-benchmark: batched engine vs one LmGen per stream, then encode + LM per tick with
+# each encoder. On a GPU: make bench-engine ENGINE_ARGS="--shapes 1b --streams 1,64,256,1024"
+ENGINE_ARGS ?=
 bench-engine: setup
-	$(BIN)/python -m pinguin_daemon.bench.engine_bench --out bench-results/engine.json
+	$(BIN)/python -m pinguin_daemon.bench.engine_bench --out bench-results/engine.json $(ENGINE_ARGS)
 
 # The latency harness: starts the daemon (batched, then the sequential baseline), ramps real-time
 # clients, writes bench-results/latency.{json,png}. On a Mac: make bench BENCH_MODEL=kyutai/stt-1b-en_fr-mlx
 BENCH_MODEL ?= synthetic
+# auto: the batched MLX Mimi on a GPU, rustymimi on a CPU-only MLX; or mlx / rustymimi.
+BENCH_ENCODER ?= auto
 BENCH_ARGS ?= --max-sessions 8 --duration 20
 bench: setup
 	$(BIN)/pip install --quiet -e ".[test,bench]"
-	$(BIN)/python -m pinguin_daemon.bench.latency --model $(BENCH_MODEL) $(BENCH_ARGS)
+	$(BIN)/python -m pinguin_daemon.bench.latency --model $(BENCH_MODEL) --encoder $(BENCH_ENCODER) $(BENCH_ARGS)
 
 # Fills launchd/ templates with this checkout's paths, validates, pre-downloads the model, loads it.
 install-service: setup

@@ -41,3 +41,20 @@ def test_short_bench_run(tmp_path: Path, cache_dir: Path) -> None:
     assert level["server_p50_ms"] > 0 and level["step_mean_ms"] > 0
     assert level["eos_final_flush_p50_s"] is not None  # the /v2 client flushed and got `flushed`
     assert "| batched | 1 |" in proc.stdout
+
+
+def test_short_engine_bench_covers_both_encoders(tmp_path: Path, cache_dir: Path) -> None:
+    env = {**os.environ, "PINGUIN_CACHE_DIR": str(cache_dir)}
+    out = tmp_path / "engine.json"
+    proc = subprocess.run([sys.executable, "-m", "pinguin_daemon.bench.engine_bench", "--shapes", "tiny",
+                           "--streams", "1,2", "--ticks", "4", "--encoder-slots", "1,2",
+                           "--encoder-ticks", "3", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(r["streams"], r["token_agreement"]) for r in report["rows"]] == [(1, 1.0), (2, 1.0)]
+    cases = {(r["encoder"], r["slots"], r["active"], r["fixed_shape"]) for r in report["encoder_rows"]}
+    assert {("mlx", 1, 1, False), ("mlx", 2, 2, False), ("rustymimi", 1, 1, False),
+            ("rustymimi", 2, 2, False), ("mlx", 2, 1, True), ("mlx", 2, 1, False)} <= cases
+    assert all(r["tick_ms"] > 0 for r in report["encoder_rows"])
+    assert "| tiny (dim 256, 2 layers) | rustymimi | 2 | 2 | compacted |" in proc.stdout
