@@ -9,16 +9,27 @@ PYTEST_ARGS ?=
 # Service targets: SYSTEM=1 for a LaunchDaemon at boot (macOS, sudo); SYSTEMD=1 on Linux.
 SERVICE_FLAGS = $(if $(SYSTEM),--system) $(if $(SYSTEMD),--systemd)
 
-.PHONY: setup run test lint bench bench-engine clean install-service uninstall-service service-status logs
+.PHONY: setup run test lint bench bench-engine gpu-check clean install-service uninstall-service service-status logs
 
-# The venv is (re)built when pyproject.toml changes.
-$(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test]"
+# uv installs the exact versions of uv.lock; uv itself lives in .tools/, installed from PyPI.
+UV := .tools/bin/uv
+# MLX's backend on Linux: cpu, cuda12 or cuda13 (make setup GPU=cuda13). Detected: an NVIDIA
+# driver (nvidia-smi) picks the CUDA major it supports, otherwise cpu. No effect on macOS (Metal).
+GPU ?= $(shell v=$$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: \([0-9]*\).*/\1/p'); \
+	if [ -z "$$v" ]; then echo cpu; elif [ "$$v" -ge 13 ]; then echo cuda13; else echo cuda12; fi)
+EXTRAS := --extra test --extra $(GPU)
+
+$(UV):
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet "uv>=0.9,<1"
+
+# The venv is (re)synced when pyproject.toml or uv.lock changes, or for another GPU= backend.
+$(BIN)/.installed-$(GPU): pyproject.toml uv.lock | $(UV)
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen --python $(PYTHON) $(EXTRAS)
+	rm -f $(BIN)/.installed-*
 	touch $@
 
-setup: $(BIN)/.installed
+setup: $(BIN)/.installed-$(GPU)
 
 run: setup
 	$(BIN)/pinguin-daemon serve --config $(CONFIG)
@@ -36,6 +47,12 @@ ENGINE_ARGS ?=
 bench-engine: setup
 	$(BIN)/python -m pinguin_daemon.bench.engine_bench --out bench-results/engine.json $(ENGINE_ARGS)
 
+# For an operator on an NVIDIA (make setup GPU=cuda13) or Apple machine: engine equality with
+# LmGen (f32), neighbour invariance (bf16), step times against concurrent streams at the 1B shape.
+GPU_CHECK_ARGS ?=
+gpu-check: setup
+	$(BIN)/python -m pinguin_daemon.bench.gpu_check --out bench-results/gpu.json $(GPU_CHECK_ARGS)
+
 # The latency harness: starts the daemon (batched, then the sequential baseline), ramps real-time
 # clients, writes bench-results/latency.{json,png}. On a Mac: make bench BENCH_MODEL=kyutai/stt-1b-en_fr-mlx
 BENCH_MODEL ?= synthetic
@@ -43,7 +60,7 @@ BENCH_MODEL ?= synthetic
 BENCH_ENCODER ?= auto
 BENCH_ARGS ?= --max-sessions 8 --duration 20
 bench: setup
-	$(BIN)/pip install --quiet -e ".[test,bench]"
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen --inexact --python $(PYTHON) $(EXTRAS) --extra bench
 	$(BIN)/python -m pinguin_daemon.bench.latency --model $(BENCH_MODEL) --encoder $(BENCH_ENCODER) $(BENCH_ARGS)
 
 # Fills launchd/ templates with this checkout's paths, validates, pre-downloads the model, loads it.
@@ -61,4 +78,4 @@ logs:
 	else journalctl --user -u pinguin-daemon.service -n 100 -f; fi
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache bench-results
+	rm -rf $(VENV) .tools .cache .pytest_cache .mypy_cache .ruff_cache bench-results

@@ -40,9 +40,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_forever(cfg)
 
 
+def quiet_hub_retries() -> None:
+    """huggingface_hub logs each retry of an unreachable hub; the CLI's one-sentence error says it."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from .model.store import download_repo
 
+    quiet_hub_retries()
     files = download_repo(args.repo, args.quantization)
     print(f"{args.repo}: ready in the Hugging Face cache")
     for label, path in (("config", files.config_path), ("weights", files.weights_path),
@@ -70,6 +78,7 @@ def cmd_check_model(args: argparse.Namespace) -> int:
     from .model.loader import FRAME_SAMPLES, load_model
     from .model.store import resolve
 
+    quiet_hub_retries()
     start = time.perf_counter()
     files = resolve(args.path, args.quantization)
     model = load_model(files, args.dtype, args.quantization)

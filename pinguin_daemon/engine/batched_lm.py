@@ -65,13 +65,15 @@ class BatchedLm:
         # Absolute position stored in each cell, -1 when empty (host side: masks are built here).
         self.cell_pos = np.full((num_slots, self.cells), -1, np.int64)
         mx.eval(self.keys, self.values)
-        # Matches mx.fast.rope's CPU path bit for bit: angles in the compute dtype.
-        # On Metal the fused kernel computes angles in float32, so do the same there.
-        self._angle_dtype = dtype if mx.default_device() == mx.cpu else mx.float32
+        # RoPE as mx.fast.rope computes it (mlx 0.32), so that a slot's tokens are the reference's:
+        # angles in float32; on the CPU, cos/sin rounded to the compute dtype and the rotation
+        # done in it (bit-identical to the CPU kernel, checked up to position 9000 in bf16); on a
+        # GPU the fused kernel rotates in float32, so the rotation stays in float32 there.
+        self._rotate_in_f32 = mx.default_device() != mx.cpu
         half = self.head_dim // 2
         self._inv_freq = mx.exp(
-            mx.arange(0, -half, -1, dtype=self._angle_dtype)
-            * mx.array(math.log(self.rope_base) / half, dtype=self._angle_dtype)
+            mx.arange(0, -half, -1, dtype=mx.float32)
+            * mx.array(math.log(self.rope_base) / half, dtype=mx.float32)
         )
 
     def reset_slot(self, slot: int) -> None:
@@ -100,9 +102,11 @@ class BatchedLm:
 
     def _rope(self, x: mx.array, positions: mx.array) -> mx.array:
         """Rotary embedding with one position per row. x: (B, H, 1, Dh); positions: (B,)."""
-        theta = positions.astype(self._angle_dtype)[:, None] * self._inv_freq[None]
+        theta = positions.astype(mx.float32)[:, None] * self._inv_freq[None]
         cos = mx.cos(theta)[:, None, None, :]
         sin = mx.sin(theta)[:, None, None, :]
+        if not self._rotate_in_f32:
+            cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
         x1 = x[..., 0::2]
         x2 = x[..., 1::2]
         rotated = mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
@@ -156,8 +160,8 @@ class BatchedLm:
         # Same summation order as Lm._sample: text embedding, then each codebook in turn.
         xs = lm.text_emb(mx.array(text_tokens.astype(np.int32))[:, None])
         audio = mx.array(audio_tokens.astype(np.int32))
-        for k, emb in enumerate(lm.audio_embs):
-            xs = xs + emb(audio[:, k : k + 1])
+        for cb, emb in enumerate(lm.audio_embs):
+            xs = xs + emb(audio[:, cb : cb + 1])
 
         new_state = []
         for i, layer in enumerate(lm.transformer.layers):

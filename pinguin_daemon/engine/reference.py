@@ -59,5 +59,5 @@ def reference_run(model: LoadedModel, codes: np.ndarray) -> ReferenceRun:
         else:
             token = gen.step(audio)
             vad.append(())
-        tokens.append(int(token[0].item()))
+        tokens.append(int(np.array(token).reshape(-1)[0]))
     return ReferenceRun(tokens, vad)

@@ -57,6 +57,6 @@ class SequentialCore(EngineCore):
                 vad[row] = [float(h[0, 0, 0]) for h in heads]
             else:
                 token = gen.step(audio)
-            tokens[row] = int(token[0].item())
+            tokens[row] = int(np.array(token).reshape(-1)[0])
         return StepOutput(tokens=tokens, logits=None, vad=vad,
                           codes=codes if self.encoder is not None else None)

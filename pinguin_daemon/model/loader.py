@@ -68,9 +68,16 @@ class LoadedModel:
         return rustymimi.Tokenizer(str(self.files.mimi_path), num_codebooks=self.num_codebooks)
 
     def parameter_count(self) -> int:
-        from mlx.utils import tree_flatten
+        return sum(int(v.size) for _, v in parameter_items(self.lm))
 
-        return sum(int(v.size) for _, v in tree_flatten(self.lm.parameters()))
+
+def parameter_items(module: Any) -> list[tuple[str, Any]]:
+    """(dotted name, array) of every parameter of an MLX module."""
+    from mlx.utils import tree_flatten
+
+    flat = tree_flatten(module.parameters())
+    assert isinstance(flat, list)  # a module's parameters flatten to a list of pairs
+    return flat
 
 
 def lm_config_for(config: dict[str, Any], weight_names: list[str]) -> models.LmConfig:

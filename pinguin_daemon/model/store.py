@@ -174,7 +174,7 @@ def _hf_cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def download_repo(repo: str, quantization: str = "none") -> CheckpointFiles:
+def download_repo(repo: str, quantization: str = "none", cache_first: bool = False) -> CheckpointFiles:
     """Fetch (or find in the Hugging Face cache) the files of a checkpoint repo.
 
     Only config.json and the files it names are fetched; `HF_HOME`, `HF_HUB_CACHE` and
@@ -183,12 +183,24 @@ def download_repo(repo: str, quantization: str = "none") -> CheckpointFiles:
     Args:
         repo: a repo id such as "kyutai/stt-1b-en_fr-mlx".
         quantization: "none", "q4" or "q8"; fetches model.qN.safetensors when the repo has it.
+        cache_first: use the cached files without asking the hub (the daemon's start: a Mac
+            that boots without a network serves at once; huggingface_hub >= 0.31 retries an
+            unreachable hub for ~23 s per file before falling back to its cache). `pinguin-daemon
+            download` asks the hub, to update.
     """
     from huggingface_hub import errors, hf_hub_download
 
+    def get(filename: str) -> Path:
+        if cache_first:
+            try:
+                return Path(hf_hub_download(repo, filename, local_files_only=True))
+            except errors.LocalEntryNotFoundError:
+                pass
+        return Path(hf_hub_download(repo, filename))
+
     def fetch(filename: str) -> Path:
         try:
-            return Path(hf_hub_download(repo, filename))
+            return get(filename)
         except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError,
                 errors.HFValidationError) as exc:
             raise _hub_error(repo, filename, exc) from None
@@ -199,7 +211,7 @@ def download_repo(repo: str, quantization: str = "none") -> CheckpointFiles:
     if quantization in QUANT_PARAMS:
         try:
             variant = _weights_name(config, quantization, None)
-            weights_path = Path(hf_hub_download(repo, variant))
+            weights_path = get(variant)
             weights_name = variant
         except errors.EntryNotFoundError:
             # No pre-quantized file (or, offline, none cached; LocalEntryNotFoundError is a
@@ -242,4 +254,4 @@ def resolve(model: str, quantization: str = "none", cache_root: Path | None = No
     if model.startswith((".", "/", "~")) or not REPO_ID.match(model):
         raise UserError(f"setting 'model' is '{model}': not an existing directory, not a Hugging "
                         "Face repo id (owner/name), and not 'synthetic'")
-    return download_repo(model, quantization)
+    return download_repo(model, quantization, cache_first=True)

@@ -67,12 +67,13 @@ def tiny_lm_config(context: int = 750, dim: int = 256, num_layers: int = 2,
 
 def _lm_weights(config: dict[str, object], rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Random MLX-named LM weights, as float32 numpy arrays."""
-    from mlx.utils import tree_flatten
     from moshi_mlx import models
+
+    from .loader import parameter_items
 
     lm = models.Lm(models.LmConfig.from_config_dict(config))
     out: dict[str, np.ndarray] = {}
-    for name, value in sorted(tree_flatten(lm.parameters()), key=lambda kv: kv[0]):
+    for name, value in sorted(parameter_items(lm), key=lambda kv: kv[0]):
         shape = tuple(value.shape)
         if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "out_norm.weight":
             arr = np.ones(shape, np.float32)
@@ -134,12 +135,13 @@ def _mimi_torch_name(name: str) -> str:
 
 def _mimi_weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Random Mimi weights in PyTorch naming and layout (318 tensors, 96 M parameters)."""
-    from mlx.utils import tree_flatten
     from moshi_mlx.models import mimi
+
+    from .loader import parameter_items
 
     model = mimi.Mimi(mimi.mimi_202407(32))
     out: dict[str, np.ndarray] = {}
-    for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+    for name, value in sorted(parameter_items(model), key=lambda kv: kv[0]):
         shape = tuple(value.shape)
         if name.endswith(".convtr.weight"):
             # MLX (out, k, in) <- PyTorch transposed conv (in, out, k)
@@ -215,9 +217,11 @@ def write_synthetic_checkpoint(
     """
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx.utils import tree_flatten
     from moshi_mlx import models
     from safetensors.numpy import save_file
+
+    from .loader import parameter_items
+
 
     if layout not in ("mlx", "candle"):
         raise ValueError(f"layout must be 'mlx' or 'candle', got {layout!r}")
@@ -236,7 +240,7 @@ def write_synthetic_checkpoint(
             lm.load_weights(list(mlx_weights.items()), strict=True)
             nn.quantize(lm, bits=bits, group_size=group)
             mx.save_safetensors(str(out_dir / f"model.q{bits}.safetensors"),
-                                dict(tree_flatten(lm.parameters())))
+                                dict(parameter_items(lm)))
     save_file(_mimi_weights(np.random.default_rng([seed, 2])), str(out_dir / MIMI_NAME))
     (out_dir / TOKENIZER_NAME).write_bytes(_tokenizer_proto(rng))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
