@@ -58,3 +58,21 @@ def test_short_engine_bench_covers_both_encoders(tmp_path: Path, cache_dir: Path
             ("rustymimi", 2, 2, False), ("mlx", 2, 1, True), ("mlx", 2, 1, False)} <= cases
     assert all(r["tick_ms"] > 0 for r in report["encoder_rows"])
     assert "| tiny (dim 256, 2 layers) | rustymimi | 2 | 2 | compacted |" in proc.stdout
+
+
+def test_gpu_check_runs_its_checks_on_this_device(tmp_path: Path, cache_dir: Path) -> None:
+    """`make gpu-check` on a CPU-only MLX (tiny shape): the correctness checks pass, timings come out."""
+    env = {**os.environ, "PINGUIN_CACHE_DIR": str(cache_dir)}
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "pinguin_daemon.bench.gpu_check", "--shape", "tiny",
+                           "--streams", "1,4", "--encoder-streams", "2", "--ticks", "4", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["machine"]["mlx_device"] == "cpu"
+    checks = {c["check"]: (c["equal"], c["total"]) for c in report["checks"]}
+    # Equality and invariance are exact; agreement with rustymimi is reported (float near-ties).
+    assert all(equal == total for name, (equal, total) in checks.items() if "rustymimi" not in name), checks
+    assert len(checks) == 4
+    timings = [(t["what"], t["streams"]) for t in report["timings"]]
+    assert timings == [("LM", 1), ("LM", 4), ("encode + LM", 2)]
