@@ -37,16 +37,19 @@ FRAME = loader.FRAME_SAMPLES
 
 
 def _stagger(core: EngineCore, streams: dict[str, np.ndarray], skip: dict[str, int]) -> dict[str, list[int]]:
-    """Join stream i at tick 2*i, push one row per tick (none on ticks divisible by skip[name]),
-    leave when done; each stream's tokens."""
+    """Stream i joins from tick 2*i on, when a slot is free (later streams reuse slots), pushes
+    one row per tick (none on ticks divisible by skip[name]) and leaves when done; each stream's
+    tokens."""
     tokens: dict[str, list[int]] = {name: [] for name in streams}
     sent = dict.fromkeys(streams, 0)
+    waiting = list(streams)
     tick = 0
-    while any(sent[n] < len(rows) for n, rows in streams.items()) or core.slot_of:
-        for i, (name, rows) in enumerate(streams.items()):
-            if tick == 2 * i:
+    while waiting or core.slot_of:
+        for i, name in enumerate(streams):
+            if name in waiting and tick >= 2 * i and core.free_slots:
                 core.join(name)
-            every = skip.get(name, 0)
+                waiting.remove(name)
+            rows, every = streams[name], skip.get(name, 0)
             if name in core.slot_of and sent[name] < len(rows) and not (every and tick % every == 0):
                 core.push(name, rows[sent[name]])
                 sent[name] += 1
