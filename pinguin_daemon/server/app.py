@@ -49,8 +49,11 @@ log = get_logger("daemon")
 MAX_QUEUE = 16
 # Outgoing bytes buffered per connection before send() waits for the client to read.
 WRITE_LIMIT = 64 * 1024
-# A session arriving when every slot is taken waits this long for one before 1013; how often it looks.
-ADMISSION_WAIT_S = 1.0
+# A session arriving when every slot is taken looks for one this many times, this far apart, before
+# 1013 (1 s on an idle machine). Counted in looks, not wall time: while something stalls the whole
+# process (rustymimi holds the GIL for each encoder build, ~0.35 s), the event loop cannot process
+# the closes that free slots, and that time must not count against the newcomer.
+ADMISSION_POLLS = 50
 ADMISSION_POLL_S = 0.02
 
 
@@ -111,6 +114,15 @@ class Daemon:
         response.headers["Content-Type"] = "application/json"
         return response
 
+    def _body(self, connection: ServerConnection, body: bytes, content_type: str) -> Response:
+        response = connection.respond(HTTPStatus.OK, "")
+        response.body = body
+        del response.headers["Content-Type"]
+        del response.headers["Content-Length"]
+        response.headers["Content-Type"] = content_type
+        response.headers["Content-Length"] = str(len(body))
+        return response
+
     def _authorized(self, request: Request) -> bool:
         """A configured token in the kyutai-api-key header, a Bearer token, or ?token= / ?auth_id=."""
         tokens = self.cfg.auth_tokens
@@ -134,18 +146,17 @@ class Daemon:
                         if connection.remote_address else "")
             return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send it in "
                                       "the kyutai-api-key header, as Authorization: Bearer, or ?token=\n")
-        ready = self.state == "serving" and self.engine.alive
+        serving = self.state == "serving" and self.engine.alive
         if path == METRICS_PATH:
-            response = connection.respond(HTTPStatus.OK, "")
-            response.body = self.metrics.render()
-            del response.headers["Content-Type"]
-            del response.headers["Content-Length"]
-            response.headers["Content-Type"] = CONTENT_TYPE
-            response.headers["Content-Length"] = str(len(response.body))
-            return response
+            return self._body(connection, self.metrics.render(), CONTENT_TYPE)
         if path == READY_PATH:
+            # Ready = would accept one more session now: a full daemon answers 503 too, so a load
+            # balancer (deploy/haproxy.cfg) sends no session it would refuse with 1013.
+            free = self.engine.free_slots
+            ready = serving and free > 0
             return self._json(connection, HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, {
                 "ready": ready, "state": self.state, "engine_alive": self.engine.alive,
+                "full": serving and free == 0,
                 "sessions": len(self.sessions),
                 "free_slots": self.engine.free_slots,
                 "model": self.cfg.model, "device": self.engine.device, "encoder": self.engine.encoder,
@@ -153,7 +164,7 @@ class Daemon:
         if path not in PROTOCOLS:
             return connection.respond(HTTPStatus.NOT_FOUND, f"unknown path {path}: stream audio to "
                                       f"{', '.join(PROTOCOLS)}\n")
-        if not ready:
+        if not serving:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"daemon is {self.state}\n")
         return None
 
@@ -201,15 +212,14 @@ class Daemon:
             bound.log(level, "session_closed", code=int(code), reason=reason, **session.summary())
 
     async def _admit(self, session_id: str, session: Session) -> bool:
-        """Take a slot, waiting up to ADMISSION_WAIT_S when all are taken: a slot whose client has
-        just gone (a phone reconnecting after a Wi-Fi switch) frees within that time, so a client
-        is never refused by its own ghost. False: still full (1013) or not serving."""
-        deadline = time.monotonic() + ADMISSION_WAIT_S
-        while self.state == "serving":
+        """Take a slot, waiting a moment when all are taken: a slot whose client has just gone (a
+        phone reconnecting after a Wi-Fi switch) frees meanwhile, so a client is never refused by
+        its own ghost. False: still full (1013) or not serving."""
+        for _ in range(ADMISSION_POLLS):
+            if self.state != "serving":
+                return False
             if self.engine.open_session(session_id, session.sink):
                 return True
-            if time.monotonic() >= deadline:
-                return False
             await asyncio.sleep(ADMISSION_POLL_S)
         return False
 
