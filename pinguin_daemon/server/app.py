@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from http import HTTPStatus
+from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
@@ -33,13 +34,13 @@ from websockets.http11 import Request, Response
 
 from ..audio.encoder import EncoderPool
 from ..config import Config
-from ..engine.loop import Engine
+from ..engine.loop import REALTIME_BUDGET_S, Engine
 from ..errors import UserError
 from ..logs import get_logger
 from ..model.loader import LoadedModel, load_model
 from ..model.store import resolve
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import HEALTH_PATH, METRICS_PATH, READY_PATH, WS_PATH, Close
+from .protocol import HEALTH_PATH, METRICS_PATH, PAGE_PATH, READY_PATH, STATUS_PATH, WS_PATH, Close
 from .protocols import PROTOCOLS, SessionInfo
 from .session import Session
 
@@ -94,6 +95,9 @@ class Daemon:
         self._ids = itertools.count(1)
         self.port = 0
         self.metrics = Metrics(lambda: self.engine.free_slots)
+        self.started = time.monotonic()
+        # The status page: static, self-contained (the Mac may be offline), read once.
+        self.page = (resources.files("pinguin_daemon") / "web" / "index.html").read_bytes()
         self.engine.on_step = self.metrics.observe_step
 
     def _load_model(self) -> LoadedModel:
@@ -123,6 +127,22 @@ class Daemon:
         response.headers["Content-Length"] = str(len(body))
         return response
 
+    def status(self) -> dict[str, object]:
+        """What the status page shows: the model, where it computes, slots, step times."""
+        model = self.engine.model
+        by_endpoint: dict[str, int] = {}
+        for session in self.sessions.values():
+            by_endpoint[session.protocol.path] = by_endpoint.get(session.protocol.path, 0) + 1
+        return {
+            "state": self.state, "model": self.cfg.model,
+            "dtype": model.dtype if model is not None else self.cfg.dtype,
+            "device": self.engine.device, "encoder": self.engine.encoder,
+            "slots": self.cfg.max_sessions, "free_slots": self.engine.free_slots,
+            "sessions": len(self.sessions), "sessions_by_endpoint": by_endpoint,
+            "step_ms": self.metrics.step_percentiles_ms(), "budget_ms": round(REALTIME_BUDGET_S * 1000),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+        }
+
     def _authorized(self, request: Request) -> bool:
         """A configured token in the kyutai-api-key header, a Bearer token, or ?token= / ?auth_id=."""
         tokens = self.cfg.auth_tokens
@@ -140,7 +160,15 @@ class Daemon:
         path = urlsplit(request.path).path
         if path == HEALTH_PATH:  # liveness carries no data: open even with auth_tokens
             return connection.respond(HTTPStatus.OK, "ok\n")
-        if not self._authorized(request):
+        if path == PAGE_PATH and "upgrade" not in request.headers.get("Connection", "").lower():
+            # The page holds no data (it asks /status and /v2 with the token the user types).
+            return self._body(connection, self.page, "text/html; charset=utf-8")
+        authorized = self._authorized(request)
+        if path == STATUS_PATH and not authorized:
+            # The page asks before the user has typed a token: say one is needed, and nothing
+            # else (a 401 would also do, but browsers log every 401 as a console error).
+            return self._json(connection, HTTPStatus.OK, {"auth_required": True})
+        if not authorized:
             # Logged without the token or the query string.
             log.warning("unauthorized", path=path, peer=str(connection.remote_address[0])
                         if connection.remote_address else "")
@@ -149,6 +177,8 @@ class Daemon:
         serving = self.state == "serving" and self.engine.alive
         if path == METRICS_PATH:
             return self._body(connection, self.metrics.render(), CONTENT_TYPE)
+        if path == STATUS_PATH:
+            return self._json(connection, HTTPStatus.OK, self.status())
         if path == READY_PATH:
             # Ready = would accept one more session now: a full daemon answers 503 too, so a load
             # balancer (deploy/haproxy.cfg) sends no session it would refuse with 1013.

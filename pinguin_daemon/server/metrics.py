@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Engine steps kept for the status page's percentiles (80 s at 12.5 steps/s).
+RECENT_STEPS = 1000
 
 
 class Metrics:
@@ -51,9 +54,23 @@ class Metrics:
         self.model_load_seconds = Gauge("pinguin_model_load_seconds",
                                         "Time to load and warm the model", registry=r)
 
+        # The last steps' durations, for the status page's percentiles (deque appends are atomic).
+        self.recent_steps: deque[float] = deque(maxlen=RECENT_STEPS)
+
     def observe_step(self, seconds: float, rows: int) -> None:
         self.step_seconds.observe(seconds)
         self.active_slots.observe(rows)
+        self.recent_steps.append(seconds)
+
+    def step_percentiles_ms(self) -> dict[str, float | None]:
+        """p50 and p99 of the last RECENT_STEPS engine steps, in ms (None before any step)."""
+        import numpy as np
+
+        steps = np.array(self.recent_steps)
+        if not len(steps):
+            return {"p50": None, "p99": None}
+        return {"p50": round(float(np.percentile(steps, 50)) * 1000, 1),
+                "p99": round(float(np.percentile(steps, 99)) * 1000, 1)}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,3 +21,5 @@ WS_PATH = "/ws"
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
 METRICS_PATH = "/metrics"
+PAGE_PATH = "/"  # the status page with a live transcript (pinguin_daemon/web/index.html)
+STATUS_PATH = "/status"  # the JSON the page shows
