@@ -39,8 +39,8 @@ from ..errors import UserError
 from ..logs import get_logger
 from ..model.loader import LoadedModel, load_model
 from ..model.store import resolve
+from .codes import HEALTH_PATH, METRICS_PATH, PAGE_PATH, READY_PATH, STATUS_PATH, WS_PATH, Close
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import HEALTH_PATH, METRICS_PATH, PAGE_PATH, READY_PATH, STATUS_PATH, WS_PATH, Close
 from .protocols import PROTOCOLS, SessionInfo
 from .session import Session
 

@@ -21,8 +21,8 @@ from ..engine.events import Event, SessionClosed, Word
 from ..engine.loop import Engine
 from ..logs import get_logger
 from ..model.loader import FRAME_SAMPLES, SAMPLE_RATE
+from .codes import Close
 from .metrics import Metrics
-from .protocol import Close
 from .protocols import AudioIn, FinishIn, FlushIn, MarkerIn, Protocol, Reject, Reply, clip_reason
 
 # Frames handed to the engine and not yet stepped, per session. Past this the session stops
