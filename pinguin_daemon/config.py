@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": ("debug", "info", "warning", "error"),
     "engine": ("batched", "sequential"),
     "encoder": ("auto", "mlx", "rustymimi"),
+    "advertise": ("on", "off"),
 }
 
 
@@ -54,6 +55,10 @@ class Config:
     tls_key: str = ""
     engine: str = "batched"
     encoder: str = "auto"
+    http_port: int = 0
+    wyoming_port: int = 0
+    advertise: str = "on"
+    max_upload_bytes: int = 25 * 1024 * 1024
 
 
 def _convert(key: str, raw: Any, source: str) -> Any:
@@ -92,8 +97,10 @@ def _convert(key: str, raw: Any, source: str) -> Any:
         raise UserError(
             f"setting '{key}' in {source} must be one of {', '.join(CHOICES[key])}, got {value!r}"
         )
-    if key == "port" and not 0 <= value <= 65535:
-        raise UserError(f"setting 'port' in {source} must be between 0 and 65535, got {value}")
+    if key in ("port", "http_port", "wyoming_port") and not 0 <= value <= 65535:
+        raise UserError(f"setting '{key}' in {source} must be between 0 and 65535, got {value}")
+    if key == "max_upload_bytes" and value < 1024:
+        raise UserError(f"setting 'max_upload_bytes' in {source} must be at least 1024, got {value}")
     if key == "max_sessions" and not 1 <= value <= 256:
         raise UserError(f"setting 'max_sessions' in {source} must be between 1 and 256, got {value}")
     if key == "max_message_bytes" and value < 4:

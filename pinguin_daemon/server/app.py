@@ -12,7 +12,6 @@ If the engine thread dies, sessions are closed with 1011 and the daemon exits 1 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import json
 import logging
@@ -26,7 +25,7 @@ import sys
 import time
 from http import HTTPStatus
 from importlib import resources
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -39,7 +38,9 @@ from ..errors import UserError
 from ..logs import get_logger
 from ..model.loader import LoadedModel, load_model
 from ..model.store import resolve
+from .auth import token_ok
 from .codes import HEALTH_PATH, METRICS_PATH, PAGE_PATH, READY_PATH, STATUS_PATH, WS_PATH, Close
+from .frontends import Frontends, start_frontends
 from .metrics import CONTENT_TYPE, Metrics
 from .protocols import PROTOCOLS, SessionInfo
 from .session import Session
@@ -86,6 +87,7 @@ class Daemon:
         self.engine = Engine(self._load_model, cfg.max_sessions, cfg.temperature, cfg.seed, cfg.engine,
                              cfg.encoder)
         self.encoders: EncoderPool | None = None
+        self.frontends = Frontends()  # file API, Wyoming, adverts: started once serving
         self.sessions: dict[str, Session] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}  # handler task per session
         self.state = "starting"
@@ -144,17 +146,7 @@ class Daemon:
         }
 
     def _authorized(self, request: Request) -> bool:
-        """A configured token in the kyutai-api-key header, a Bearer token, or ?token= / ?auth_id=."""
-        tokens = self.cfg.auth_tokens
-        if not tokens:
-            return True
-        offered = [request.headers.get("kyutai-api-key", "")]
-        bearer = request.headers.get("Authorization", "")
-        if bearer.lower().startswith("bearer "):
-            offered.append(bearer[7:].strip())
-        query = parse_qs(urlsplit(request.path).query)
-        offered += query.get("token", []) + query.get("auth_id", [])
-        return any(hmac.compare_digest(o.encode(), t.encode()) for o in offered if o for t in tokens)
+        return token_ok(self.cfg.auth_tokens, request.headers, urlsplit(request.path).query)
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
@@ -294,6 +286,7 @@ class Daemon:
                              write_limit=WRITE_LIMIT, compression=None, ssl=ssl_context,
                              logger=logging.getLogger("websockets")) as server:
                 self.port = int(server.sockets[0].getsockname()[1])
+                self.frontends = await start_frontends(self.cfg, self.port, ssl_context)
                 self._log_listening(model, threads, time.perf_counter() - started)
                 self.state = "serving"
                 return await self._serve_until_stop(server)
@@ -336,7 +329,8 @@ class Daemon:
                  device=self.engine.device, encoder=self.engine.encoder, encoder_threads=threads,
                  encoder_memory=("~450 MB per active session (rustymimi)" if self.encoders is not None
                                  else "shared by all sessions (batched MLX Mimi)"),
-                 engine=self.cfg.engine,
+                 engine=self.cfg.engine, http_port=self.frontends.http_port,
+                 wyoming_port=self.frontends.wyoming_port,
                  startup_s=round(startup_s, 2))
         if model.files.synthetic:
             log.warning("synthetic_model", note="serving a synthetic model with random weights: "
@@ -352,11 +346,13 @@ class Daemon:
             self.state = "failed"
             log.error("engine_died", error=repr(self.engine.failed), sessions=len(self.sessions))
             await self._cut_sessions(Close.INTERNAL, "inference engine stopped; try again later")
+            await self.frontends.stop()
             server.close()
             await server.wait_closed()
             return 1
         self.state = "draining"
         server.close(close_connections=False)  # stop accepting; open sessions carry on
+        await self.frontends.stop()
         self.stopping.set()
         deadline = time.monotonic() + self.cfg.shutdown_timeout
         while self.tasks and time.monotonic() < deadline:
