@@ -26,9 +26,14 @@ FRAME = loader.FRAME_SAMPLES
 class DaemonProcess:
     """`pinguin-daemon serve` with JSON logs collected from stderr."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> None:
+        """Args:
+            args: more flags for `serve` (later flags win: --host too).
+            env: more environment variables.
+            prefix: a command to run it under, e.g. ("ip", "netns", "exec", NAME).
+        """
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pinguin_daemon", "serve", "--host", "127.0.0.1", "--port", "0",
+            [*prefix, sys.executable, "-m", "pinguin_daemon", "serve", "--host", "127.0.0.1", "--port", "0",
              "--log-format", "json", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {})},

@@ -18,10 +18,7 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import ssl
-import subprocess
-import sys
 import time
 from http import HTTPStatus
 from importlib import resources
@@ -38,6 +35,7 @@ from ..errors import UserError
 from ..logs import get_logger
 from ..model.loader import LoadedModel, load_model
 from ..model.store import resolve
+from .advertise import lan_addresses
 from .auth import token_ok
 from .codes import HEALTH_PATH, METRICS_PATH, PAGE_PATH, READY_PATH, STATUS_PATH, WS_PATH, Close
 from .frontends import Frontends, start_frontends
@@ -57,26 +55,6 @@ WRITE_LIMIT = 64 * 1024
 # the closes that free slots, and that time must not count against the newcomer.
 ADMISSION_POLLS = 50
 ADMISSION_POLL_S = 0.02
-
-
-def lan_addresses() -> list[str]:
-    """IPv4 addresses of this machine other than loopback (what to type in the iOS app)."""
-    found: set[str] = set()
-    try:
-        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            found.add(str(info[4][0]))
-    except OSError:
-        pass
-    if sys.platform == "darwin":  # the Mac's Wi-Fi / Ethernet addresses, as System Settings shows
-        for interface in ("en0", "en1"):
-            try:
-                out = subprocess.run(["ipconfig", "getifaddr", interface], capture_output=True,
-                                     text=True, timeout=2).stdout.strip()
-            except (OSError, subprocess.SubprocessError):
-                out = ""
-            if out:
-                found.add(out)
-    return sorted(a for a in found if not a.startswith("127."))
 
 
 class Daemon:

@@ -65,4 +65,7 @@ async def start_frontends(cfg: Config, port: int, ssl_context: ssl.SSLContext | 
 
         started.wyoming = await start_wyoming(cfg.host, cfg.wyoming_port, endpoint, cfg.model)
         started.wyoming_port = started.wyoming.port
+    from .advertise import advertise
+
+    started.advert = await advertise(cfg, port, started.wyoming_port, ssl_context is not None)
     return started
