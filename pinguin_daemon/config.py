@@ -55,8 +55,8 @@ class Config:
     tls_key: str = ""
     engine: str = "batched"
     encoder: str = "auto"
-    http_port: int = 0
-    wyoming_port: int = 0
+    http_port: int = 8001
+    wyoming_port: int = 10300
     advertise: str = "on"
     max_upload_bytes: int = 25 * 1024 * 1024
 

@@ -34,7 +34,7 @@ class DaemonProcess:
         """
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "pinguin_daemon", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--log-format", "json", *args],
+             "--http-port", "0", "--wyoming-port", "0", "--log-format", "json", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {})},
         )
