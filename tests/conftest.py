@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +36,16 @@ def synthetic_dir(cache_dir: Path) -> Path:
 def synthetic_candle_dir(cache_dir: Path) -> Path:
     """The same weights in the PyTorch (-candle) layout."""
     return cached_synthetic_checkpoint(cache_dir, layout="candle")
+
+
+@pytest.fixture(scope="session")
+def candle_ref_model(synthetic_candle_dir: Path) -> Any:
+    """Kyutai's reference (its own Lm and cache) for the -candle synthetic checkpoint, f32."""
+    from pinguin_daemon.engine.reference import fresh_reference_model
+    from pinguin_daemon.model import loader, store
+
+    return fresh_reference_model(
+        loader.load_model(store.files_in_directory(synthetic_candle_dir, "none"), "f32"))
 
 
 @pytest.fixture(scope="session")

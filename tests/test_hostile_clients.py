@@ -20,8 +20,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from pinguin_daemon.engine.reference import fresh_reference_model
-from pinguin_daemon.model import loader, store
+from pinguin_daemon.model import loader
 
 from .daemon import DaemonProcess, flushed_audio, http_get, reference_tokens, reference_words
 from .test_server_v2 import v2_session, words_of
@@ -38,9 +37,8 @@ def daemon(synthetic_candle_dir: Path) -> Iterator[DaemonProcess]:
 
 
 @pytest.fixture(scope="module")
-def ref_model(synthetic_candle_dir: Path) -> loader.LoadedModel:
-    return fresh_reference_model(
-        loader.load_model(store.files_in_directory(synthetic_candle_dir, "none"), "f32"))
+def ref_model(candle_ref_model: loader.LoadedModel) -> loader.LoadedModel:
+    return candle_ref_model
 
 
 def ws_url(proc: DaemonProcess, path: str) -> str:

@@ -15,8 +15,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from pinguin_daemon.client import stream
-from pinguin_daemon.engine.reference import fresh_reference_model
-from pinguin_daemon.model import loader, store
+from pinguin_daemon.model import loader
 
 from .daemon import DaemonProcess, reference_text
 
@@ -32,9 +31,8 @@ def daemon(synthetic_candle_dir: Path) -> Iterator[DaemonProcess]:
 
 
 @pytest.fixture(scope="module")
-def ref_model(synthetic_candle_dir: Path) -> loader.LoadedModel:
-    return fresh_reference_model(
-        loader.load_model(store.files_in_directory(synthetic_candle_dir, "none"), "f32"))
+def ref_model(candle_ref_model: loader.LoadedModel) -> loader.LoadedModel:
+    return candle_ref_model
 
 
 def pcm16(clip: np.ndarray) -> np.ndarray:
@@ -44,7 +42,7 @@ def pcm16(clip: np.ndarray) -> np.ndarray:
 async def realtime_session(port: int, samples: np.ndarray, session: dict[str, Any],
                            beta: bool = False) -> list[Any]:
     """Stream pcm16 through the SDK in 100 ms appends, commit, and collect every server event
-    until the turn's transcript is completed."""
+    until the committed turn's transcript is completed."""
     client = AsyncOpenAI(api_key=TOKEN, base_url=f"http://127.0.0.1:{port}/v1")
     events: list[Any] = []
     async with client.realtime.connect(model="kyutai/stt-1b-en_fr",
@@ -54,10 +52,11 @@ async def realtime_session(port: int, samples: np.ndarray, session: dict[str, An
         else:
             await conn.session.update(session=session)  # type: ignore[arg-type]
 
-        async def reader() -> None:
+        async def reader() -> None:  # until the turn the commit ends (VAD may end others first)
             async for event in conn:
                 events.append(event)
-                if event.type == "conversation.item.input_audio_transcription.completed":
+                if (event.type == "conversation.item.input_audio_transcription.completed"
+                        and "--commit--" in events):
                     return
 
         task = asyncio.create_task(reader())

@@ -15,8 +15,7 @@ import soxr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pinguin_daemon.engine.reference import fresh_reference_model
-from pinguin_daemon.model import loader, store
+from pinguin_daemon.model import loader
 
 from .daemon import DaemonProcess, flushed_audio, http_get, reference_tokens, reference_words
 
@@ -33,9 +32,8 @@ def candle_daemon(synthetic_candle_dir: Path) -> Iterator[DaemonProcess]:
 
 
 @pytest.fixture(scope="module")
-def ref_model(synthetic_candle_dir: Path) -> loader.LoadedModel:
-    return fresh_reference_model(
-        loader.load_model(store.files_in_directory(synthetic_candle_dir, "none"), "f32"))
+def ref_model(candle_ref_model: loader.LoadedModel) -> loader.LoadedModel:
+    return candle_ref_model
 
 
 def url(proc: DaemonProcess, path: str, query: str = f"?token={TOKEN}") -> str:

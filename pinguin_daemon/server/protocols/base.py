@@ -6,6 +6,7 @@ A protocol is pure: no I/O, no asyncio. The session does the I/O.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,21 @@ class Reject:
 
 
 Command = AudioIn | FlushIn | FinishIn | MarkerIn | Reply | Reject
+
+
+def load_json(message: str, error: str) -> Any:
+    """The decoded JSON of a text message, or the Reject (1007) a malformed one gets.
+
+    Args:
+        message: the text message.
+        error: the protocol's machine-readable error code for it.
+    """
+    try:
+        return json.loads(message)
+    except json.JSONDecodeError as exc:
+        return Reject(Close.BAD_PAYLOAD, f"malformed JSON: {exc.msg} at {exc.pos}", error)
+    except RecursionError:
+        return Reject(Close.BAD_PAYLOAD, "malformed JSON: nested too deeply", error)
 
 
 def clip_reason(reason: str) -> str:

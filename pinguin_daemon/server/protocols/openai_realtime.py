@@ -31,7 +31,7 @@ import numpy as np
 from ...engine.events import EndOfTurnProbs, Event, TextPiece
 from ...model.loader import SAMPLE_RATE
 from ..codes import Close
-from .base import AudioIn, Command, FlushIn, Protocol, Reject, Reply, SessionInfo, time_of
+from .base import AudioIn, Command, FlushIn, Protocol, Reject, Reply, SessionInfo, load_json, time_of
 
 # What a transcription session says about itself before any session.update (OpenAI's defaults).
 DEFAULT_TURN_DETECTION: dict[str, Any] = {"type": "server_vad"}
@@ -151,12 +151,9 @@ class OpenAIRealtimeProtocol(Protocol):
         if isinstance(message, bytes):
             return [Reject(Close.UNSUPPORTED, "send JSON events; audio goes base64 in "
                                               "input_audio_buffer.append", "invalid_request_error")]
-        try:
-            event = json.loads(message)
-        except json.JSONDecodeError as exc:
-            return [Reject(Close.BAD_PAYLOAD, f"malformed JSON: {exc.msg} at {exc.pos}", "invalid_json")]
-        except RecursionError:
-            return [Reject(Close.BAD_PAYLOAD, "malformed JSON: nested too deeply", "invalid_json")]
+        event = load_json(message, "invalid_json")
+        if isinstance(event, Reject):
+            return [event]
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             return [self._error("invalid_request_error", "an event is a JSON object with a string 'type'")]
         kind = event["type"]

@@ -12,7 +12,18 @@ from ...audio.pcm import BadAudio, decode_f32le
 from ...engine.events import EndOfTurnProbs, Event, TextPiece, Word, WordEnd
 from ...model.loader import SAMPLE_RATE
 from ..codes import Close
-from .base import AudioIn, Command, FinishIn, FlushIn, Protocol, Reject, Reply, SessionInfo, time_of
+from .base import (
+    AudioIn,
+    Command,
+    FinishIn,
+    FlushIn,
+    Protocol,
+    Reject,
+    Reply,
+    SessionInfo,
+    load_json,
+    time_of,
+)
 
 
 class V2Protocol(Protocol):
@@ -85,12 +96,9 @@ class V2Protocol(Protocol):
     def parse(self, message: str | bytes) -> list[Command]:
         if isinstance(message, bytes):
             return [self._audio(message)] if message else []
-        try:
-            msg = json.loads(message)
-        except json.JSONDecodeError as exc:
-            return [Reject(Close.BAD_PAYLOAD, f"malformed JSON: {exc.msg} at {exc.pos}", "bad_json")]
-        except RecursionError:
-            return [Reject(Close.BAD_PAYLOAD, "malformed JSON: nested too deeply", "bad_json")]
+        msg = load_json(message, "bad_json")
+        if isinstance(msg, Reject):
+            return [msg]
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
             return [Reject(Close.BAD_PAYLOAD, "a control message is a JSON object with a string 'type'",
                            "bad_json")]
