@@ -126,6 +126,18 @@ class Session:
         client has stopped reading (1008)."""
         self._queue(self.protocol.opening())
         sender = asyncio.create_task(self._send_loop())
+        try:
+            code, reason = await self._serve()
+        finally:
+            sender.cancel()  # also when the daemon cancels the session
+        try:
+            await self.ws.close(code, clip_reason(reason))
+        except ConnectionClosed:
+            pass
+        return code, reason
+
+    async def _serve(self) -> tuple[int, str]:
+        """Run until the session ends, free the slot, send the protocol's closing messages."""
         receiver = asyncio.create_task(self._receive_loop())
         watchdog = asyncio.create_task(self._watch_reader())
         gone = asyncio.create_task(self.ws.wait_closed())
@@ -149,19 +161,12 @@ class Session:
             receiver.result()  # the receive side failed: the handler logs it and closes with 1011
             raise AssertionError("unreachable")
         self.release()  # the slot is free before the closing handshake, however long that takes
-        try:
-            if code != Close.POLICY and code < 4000 and code not in (1005, 1006):
-                try:  # error / closing messages of the protocol, then the close frame
-                    self.outbox.extend(self.protocol.closing(code, reason, error))
-                    await asyncio.wait_for(self._send_pending(), timeout=5)
-                except (ConnectionClosed, TimeoutError):
-                    pass
-        finally:
-            sender.cancel()
-        try:
-            await self.ws.close(code, clip_reason(reason))
-        except ConnectionClosed:
-            pass
+        if code != Close.POLICY and code < 4000 and code not in (1005, 1006):
+            try:  # error / closing messages of the protocol, then the close frame
+                self.outbox.extend(self.protocol.closing(code, reason, error))
+                await asyncio.wait_for(self._send_pending(), timeout=5)
+            except (ConnectionClosed, TimeoutError):
+                pass
         return code, reason
 
     async def _receive_loop(self) -> tuple[int, str, str | None]:
