@@ -165,25 +165,23 @@ class BatchedMimiEncoder:
             (B, n_q) int64 codes.
         """
         batch = len(slots)
-        firsts = self.frames_seen[slots] == 0
         if self.fixed_shape:
             # Every slot computes; rows without a frame get silence and write nothing back.
             active = np.zeros(self.num_slots, bool)
             active[slots] = True
             full = np.zeros((self.num_slots, FRAME_SAMPLES), np.float32)
             full[slots] = pcm
-            first_all = self.frames_seen == 0
             rows: mx.array | None = None
             row_slots = np.arange(self.num_slots)
             write: mx.array | None = mx.array(active)
-            first = mx.array(first_all)
+            first = mx.array(self.frames_seen == 0)
             x = mx.array(full)
         else:
             rows = mx.array(slots.astype(np.int32))
             row_slots = slots
             active = np.ones(batch, bool)
             write = None
-            first = mx.array(firsts)
+            first = mx.array(self.frames_seen[slots] == 0)
             x = mx.array(pcm.astype(np.float32))
         x = x.astype(self.dtype)[:, :, None]  # (B, 1920, 1) NLC
 

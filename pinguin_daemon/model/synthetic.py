@@ -222,7 +222,6 @@ def write_synthetic_checkpoint(
 
     from .loader import parameter_items
 
-
     if layout not in ("mlx", "candle"):
         raise ValueError(f"layout must be 'mlx' or 'candle', got {layout!r}")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -93,13 +93,11 @@ class Daemon:
 
     # ---- HTTP side ----------------------------------------------------------------------------
     def _json(self, connection: ServerConnection, status: int, body: dict[str, object]) -> Response:
-        response = connection.respond(status, json.dumps(body) + "\n")
-        del response.headers["Content-Type"]
-        response.headers["Content-Type"] = "application/json"
-        return response
+        return self._body(connection, (json.dumps(body) + "\n").encode(), "application/json", status)
 
-    def _body(self, connection: ServerConnection, body: bytes, content_type: str) -> Response:
-        response = connection.respond(HTTPStatus.OK, "")
+    def _body(self, connection: ServerConnection, body: bytes, content_type: str,
+              status: int = HTTPStatus.OK) -> Response:
+        response = connection.respond(status, "")
         response.body = body
         del response.headers["Content-Type"]
         del response.headers["Content-Length"]
@@ -158,7 +156,7 @@ class Daemon:
                 "ready": ready, "state": self.state, "engine_alive": self.engine.alive,
                 "full": serving and free == 0,
                 "sessions": len(self.sessions),
-                "free_slots": self.engine.free_slots,
+                "free_slots": free,
                 "model": self.cfg.model, "device": self.engine.device, "encoder": self.engine.encoder,
             })
         if path not in PROTOCOLS:
