@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pinguin_daemon.blas import blas_description
 from pinguin_daemon.engine import batched_lm
 from pinguin_daemon.engine.core import EngineCore
 from pinguin_daemon.engine.reference import fresh_reference_model, reference_run
@@ -65,8 +66,12 @@ def test_other_dtypes_and_quantized_models(synthetic_dir: Path, dtype: str, quan
     specs = random_specs(4, seed=3)
     rec = run_schedule(EngineCore(model, 3), specs)
     # Before any context wrap the summation order is the reference's, and RoPE is mx.fast.rope's
-    # bit for bit: tokens and VAD probabilities exact in every dtype.
-    assert mismatches(rec, references(model, specs), vad_tol=0.0) == []
+    # bit for bit: tokens exact in every dtype, and VAD probabilities too, but for float32 under
+    # an optimized BLAS: OpenBLAS picks its sgemm kernel by matrix size, so the VAD heads'
+    # products for 3 rows and for the reference's 1 may differ in the last bit (measured: 3e-8).
+    reference_blas = blas_description().startswith("reference")
+    vad_tol = 1e-6 if dtype == "f32" and not reference_blas else 0.0
+    assert mismatches(rec, references(model, specs), vad_tol=vad_tol) == []
 
 
 def test_real_speech_through_rustymimi(synthetic_dir: Path, speech_clips: list[np.ndarray]) -> None:
