@@ -43,21 +43,35 @@ def test_short_bench_run(tmp_path: Path, cache_dir: Path) -> None:
     assert "| batched | 1 |" in proc.stdout
 
 
-def test_short_engine_bench_covers_both_encoders(tmp_path: Path, cache_dir: Path) -> None:
+def test_short_engine_bench_compares_the_engine_with_rustymimi(tmp_path: Path, cache_dir: Path) -> None:
     env = {**os.environ, "PINGUIN_CACHE_DIR": str(cache_dir)}
     out = tmp_path / "engine.json"
     proc = subprocess.run([sys.executable, "-m", "pinguin_daemon.bench.engine_bench", "--shapes", "tiny",
-                           "--streams", "1,2", "--ticks", "4", "--encoder-slots", "1,2",
-                           "--encoder-ticks", "3", "--out", str(out)],
+                           "--streams", "1,8", "--ticks", "4", "--encoder-slots", "1,2",
+                           "--encoder-ticks", "3", "--no-wrap", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert [(r["streams"], r["token_agreement"]) for r in report["rows"]] == [(1, 1.0), (2, 1.0)]
+    assert report["machine"]["blas"]  # which BLAS ran the matmuls is part of the result
+    assert [(r["streams"], r["token_agreement"]) for r in report["rows"]] == [(1, 1.0), (8, 1.0)]
     cases = {(r["encoder"], r["slots"], r["active"], r["fixed_shape"]) for r in report["encoder_rows"]}
     assert {("mlx", 1, 1, False), ("mlx", 2, 2, False), ("rustymimi", 1, 1, False),
             ("rustymimi", 2, 2, False), ("mlx", 2, 1, True), ("mlx", 2, 1, False)} <= cases
     assert all(r["tick_ms"] > 0 for r in report["encoder_rows"])
-    assert "| tiny (dim 256, 2 layers) | rustymimi | 2 | 2 | compacted |" in proc.stdout
+    # The engine's tick against rustymimi's per-stream cost x N, as the issue's targets compare.
+    comparisons = {c["streams"]: c for c in report["encoder_vs_rustymimi"]}
+    assert sorted(comparisons) == [1, 2]
+    for n, c in comparisons.items():
+        assert abs(c["ratio"] - c["engine_ms"] / c["rustymimi_ms"]) < 1e-2
+        assert abs(c["rustymimi_per_stream_ms"] - c["rustymimi_ms"] / n) < 1e-2
+    # Every target whose streams were measured is reported, met or not, with its bound.
+    goals = {(g["what"].split(",")[0], g["limit"]): g for g in report["targets"]}
+    assert set(goals) == {("LM: batched / one LmGen per stream", 0.35),
+                          ("LM: batched 8 streams / 1 stream", 2.0),
+                          ("encode + LM: engine / rustymimi per stream x 1", 1.3)}
+    assert all(g["met"] == (g["measured"] <= g["limit"]) for g in report["targets"])
+    assert "| tiny (dim 256, 2 layers) | rustymimi | 2 | 2 | one per stream, encode only |" in proc.stdout
+    assert "| target (issue 21) |" in proc.stdout
 
 
 def test_gpu_check_runs_its_checks_on_this_device(tmp_path: Path, cache_dir: Path) -> None:
