@@ -55,12 +55,16 @@ def cluster(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     daemons = [DaemonProcess("--model", str(synthetic_dir), "--dtype", "f32", "--max-sessions", str(SLOTS))
                for _ in range(2)]
     listen = free_port()
-    cfg = tmp_path_factory.mktemp("haproxy") / "haproxy.cfg"
+    workdir = tmp_path_factory.mktemp("haproxy")
+    cfg = workdir / "haproxy.cfg"
     cfg.write_text(proxy_config(listen, [d.port for d in daemons]))
     check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
-    proxy = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    # The shipped config logs to stdout; the copy logs to stderr, kept here for the log test.
+    log = workdir / "haproxy.log"
+    with log.open("wb") as log_file:
+        proxy = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                                 stderr=log_file)
     try:
         deadline = time.monotonic() + 30
         while True:  # up once both servers passed their health checks
@@ -72,7 +76,7 @@ def cluster(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             assert time.monotonic() < deadline, "haproxy never served /readyz"
             time.sleep(0.2)
         time.sleep(1.5)  # a passed check (inter 1 s, rise 1): both daemons in the rotation
-        yield {"daemons": daemons, "port": listen}
+        yield {"daemons": daemons, "port": listen, "log": log}
     finally:
         proxy.terminate()
         proxy.wait(10)
@@ -247,3 +251,39 @@ def test_a_draining_daemon_finishes_its_sessions_and_gets_no_new_one(cluster: di
 
     asyncio.run(scenario())
     assert not a.events("session_refused")
+
+
+def test_the_log_holds_no_token(cluster: dict[str, Any]) -> None:
+    """A token in the query string (how the status page reaches /v2) or in a header reaches the
+    daemon but not HAProxy's log, which still says who asked for what."""
+    port, log = cluster["port"], cluster["log"]
+    secret = "s3cret-" + os.urandom(6).hex()
+
+    async def websocket_with_token() -> None:
+        ws = await connect(f"ws://127.0.0.1:{port}/v2?token={secret}-query", open_timeout=30,
+                           additional_headers={"Authorization": f"Bearer {secret}-bearer",
+                                               "kyutai-api-key": f"{secret}-key"})
+        assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "ready"
+        await ws.close()
+
+    deadline = time.monotonic() + 10
+    while http_get(port, "/readyz")[0] != 200:  # a daemon back in the rotation after the last test
+        assert time.monotonic() < deadline, "no daemon came back into the rotation"
+        time.sleep(0.2)
+    status, _ = http_get(port, f"/healthz?token={secret}-healthz&x=1",
+                         {"Authorization": f"Bearer {secret}-bearer"})
+    assert status == 200
+    asyncio.run(websocket_with_token())
+    deadline = time.monotonic() + 10
+    while True:  # HAProxy logs a request when it ends; the WebSocket's once its tunnel closes
+        lines = log.read_text(errors="replace").splitlines()
+        if any("/healthz" in line for line in lines) and any("/v2" in line for line in lines):
+            break
+        assert time.monotonic() < deadline, "HAProxy logged no request line:\n" + "\n".join(lines)
+        time.sleep(0.1)
+    text = "\n".join(lines)
+    assert secret not in text, text
+    assert "token=" not in text and "x=1" not in text, text
+    # Still a useful log: who asked for which path, and the answer.
+    assert any(re.search(r' 200 .*"GET /healthz HTTP/1\.1"$', line) for line in lines), text
+    assert any(re.search(r' 101 .*"GET /v2 HTTP/1\.1"$', line) for line in lines), text

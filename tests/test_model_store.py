@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,45 @@ def test_no_network_gives_the_fix(tmp_path: Path) -> None:
 def test_model_setting_that_is_nothing_known() -> None:
     with pytest.raises(UserError, match="not an existing directory, not a Hugging Face repo id"):
         store.resolve("./no/such/dir", "none")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_hub_probe_tells_a_dead_network_at_once(synthetic_dir: Path, tmp_path: Path) -> None:
+    port = closed_port()
+    assert store.hub_unreachable_reason(f"http://127.0.0.1:{port}/kyutai/x/resolve/main/config.json") == \
+        f"http://127.0.0.1:{port}: Connection refused"
+    # A hub that accepts the connection and never answers (a captive or dead link) is bounded by
+    # the probe's timeout, not by huggingface_hub's retries.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        assert store.hub_unreachable_reason(endpoint, timeout=0.3) == \
+            f"no answer from {endpoint} within 0.3 s"
+    copy_checkpoint(synthetic_dir, tmp_path / "hub" / "kyutai" / "stt-test")
+    with fake_hub(tmp_path / "hub") as endpoint:  # any HTTP answer: the hub is there
+        assert store.hub_unreachable_reason(f"{endpoint}/kyutai/stt-test/resolve/main/config.json") is None
+        assert store.hub_unreachable_reason(f"{endpoint}/kyutai/nope/resolve/main/config.json") is None
+
+
+def test_a_cached_model_serves_without_the_hub(synthetic_dir: Path, tmp_path: Path) -> None:
+    """Downloaded once; then the hub is gone (not HF_HUB_OFFLINE: the network is just down).
+    The cache still serves, also for q8 with no pre-quantized file cached (the full weights are
+    quantized in memory), and `download` says the files are ready instead of failing."""
+    hub_root = tmp_path / "hub"
+    copy_checkpoint(synthetic_dir, hub_root / "kyutai" / "stt-test")
+    env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    with fake_hub(hub_root) as endpoint:
+        assert run_cli("download", "kyutai/stt-test", env={**env, "HF_ENDPOINT": endpoint}).returncode == 0
+    down = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
+    proc = run_cli("check-model", "kyutai/stt-test", "--quantization", "q8", "--dtype", "f32", env=down)
+    assert proc.returncode == 0, proc.stderr
+    assert "model.safetensors" in proc.stdout and "Retry" not in proc.stderr
+    proc = run_cli("download", "kyutai/stt-test", env=down)
+    assert proc.returncode == 0, proc.stderr
+    assert "ready in the Hugging Face cache" in proc.stdout

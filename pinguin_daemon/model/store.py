@@ -7,12 +7,15 @@ so that a broken checkpoint is reported in one sentence before anything is loade
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import UserError
 
@@ -26,6 +29,10 @@ REQUIRED_KEYS = (
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # (bits, group_size) of Kyutai's pre-quantized MLX files, as their own scripts quantize them.
 QUANT_PARAMS = {"q4": (4, 32), "q8": (8, 64)}
+# How long the hub may take to answer one request before it counts as unreachable. Without this
+# check huggingface_hub retries a dead network five times (~23 s per file) before failing; with
+# it, an offline first start says so in one line within a few seconds.
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,16 +154,25 @@ def files_in_directory(directory: Path, quantization: str, source: str | None = 
     return files
 
 
-def _hub_error(repo: str, filename: str, exc: Exception) -> UserError:
-    from huggingface_hub import errors
+def _hub_error(repo: str, filename: str, exc: Exception, unreachable: str = "") -> UserError:
+    """One sentence for a failed download: what is wrong and what to do.
+
+    Args:
+        repo: the repo id.
+        filename: the file that failed.
+        exc: huggingface_hub's (or the OS's) exception.
+        unreachable: why the hub did not answer, when a probe found out (see
+            `hub_unreachable_reason`).
+    """
+    from huggingface_hub import constants, errors
 
     # LocalEntryNotFoundError subclasses EntryNotFoundError: test it first.
     if isinstance(exc, errors.RepositoryNotFoundError):
         return UserError(f"Hugging Face repo '{repo}' (setting 'model') does not exist or is "
                          "private; check the name, or log in with `huggingface-cli login`")
     if isinstance(exc, errors.LocalEntryNotFoundError):
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+               else "the Hugging Face hub cannot be reached" + (f" ({unreachable})" if unreachable else ""))
         return UserError(
             f"cannot download '{filename}' of '{repo}': {why} and it is not in the cache "
             f"({_hf_cache_dir()}); connect this machine to the internet once and run "
@@ -174,6 +190,47 @@ def _hf_cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
+def _os_reason(exc: BaseException) -> str:
+    """The OS's words for a failed connection ("Connection refused"), not requests' nested repr."""
+    found = re.search(r"\[Errno -?\d+\] ([^'\"()\]]+)", str(exc))
+    return found.group(1).strip() if found else type(exc).__name__
+
+
+def hub_unreachable_reason(url: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Ask the hub once, with no retry: None when it answers, else why it cannot be reached.
+
+    Any HTTP answer counts, even an error status: the point is only to tell "no network" apart
+    before huggingface_hub's retries. The request goes through huggingface_hub's own session, so
+    proxies and custom HTTP backends apply as for the download itself. It runs in a helper
+    thread so that a name lookup that hangs (a network without DNS) is bounded too.
+
+    Args:
+        url: a URL on the hub (`HF_ENDPOINT`, default https://huggingface.co), such as the
+            first file to download.
+        timeout: seconds to wait for an answer.
+    """
+    import requests
+    from huggingface_hub.utils import get_session
+
+    parts = urlsplit(url)
+    host = f"{parts.scheme}://{parts.netloc}"
+    outcome: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            get_session().head(url, timeout=timeout, allow_redirects=False).close()
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - any failure to get an answer is the answer
+            outcome.append(exc)
+
+    thread = threading.Thread(target=ask, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    if not outcome or isinstance(outcome[0], requests.Timeout):
+        return f"no answer from {host} within {timeout:g} s"
+    return None if outcome[0] is None else f"{host}: {_os_reason(outcome[0])}"
+
+
 def download_repo(repo: str, quantization: str = "none", cache_first: bool = False) -> CheckpointFiles:
     """Fetch (or find in the Hugging Face cache) the files of a checkpoint repo.
 
@@ -188,7 +245,11 @@ def download_repo(repo: str, quantization: str = "none", cache_first: bool = Fal
             unreachable hub for ~23 s per file before falling back to its cache). `pinguin-daemon
             download` asks the hub, to update.
     """
-    from huggingface_hub import errors, hf_hub_download
+    from huggingface_hub import constants, errors, hf_hub_download, hf_hub_url
+
+    # Empty until the hub is first needed; then "" when it answered, or why it did not (asked
+    # once per checkout: a dead network is not probed again for every file).
+    probe: list[str] = []
 
     def get(filename: str) -> Path:
         if cache_first:
@@ -196,6 +257,17 @@ def download_repo(repo: str, quantization: str = "none", cache_first: bool = Fal
                 return Path(hf_hub_download(repo, filename, local_files_only=True))
             except errors.LocalEntryNotFoundError:
                 pass
+        # With HF_HUB_OFFLINE huggingface_hub answers from its cache at once: nothing to probe.
+        if not constants.HF_HUB_OFFLINE:
+            if not probe:
+                probe.append(hub_unreachable_reason(hf_hub_url(repo, filename)) or "")
+            if probe[0]:
+                if not cache_first:  # as huggingface_hub does offline: a cached copy still serves
+                    with contextlib.suppress(errors.LocalEntryNotFoundError):
+                        return Path(hf_hub_download(repo, filename, local_files_only=True))
+                # What huggingface_hub itself raises offline, after its retries: the callers
+                # below treat both alike (a missing pre-quantized file falls back to the cache).
+                raise errors.LocalEntryNotFoundError(f"the hub cannot be reached: {probe[0]}")
         return Path(hf_hub_download(repo, filename))
 
     def fetch(filename: str) -> Path:
@@ -203,7 +275,7 @@ def download_repo(repo: str, quantization: str = "none", cache_first: bool = Fal
             return get(filename)
         except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError,
                 errors.HFValidationError) as exc:
-            raise _hub_error(repo, filename, exc) from None
+            raise _hub_error(repo, filename, exc, probe[0] if probe else "") from None
 
     config_path = fetch("config.json")
     config = read_config(config_path)
@@ -218,7 +290,7 @@ def download_repo(repo: str, quantization: str = "none", cache_first: bool = Fal
             # subclass): the full weights are fetched and quantized in memory.
             weights_path = fetch(weights_name)
         except (errors.HfHubHTTPError, OSError) as exc:
-            raise _hub_error(repo, variant, exc) from None
+            raise _hub_error(repo, variant, exc, probe[0] if probe else "") from None
     else:
         weights_path = fetch(weights_name)
     files = CheckpointFiles(
