@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from .config import CHOICES, DEFAULT_MODEL, Config, load_config
+from .config import CHOICES, DEFAULT_MODEL, DEPRECATED, Config, load_config
 from .errors import UserError
 
 
@@ -18,9 +18,15 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config setting (later wins: file < env < flags)."""
     parser.add_argument("--config", type=Path, default=None,
                         help="TOML config file (default: $PINGUIN_CONFIG, else built-in defaults)")
-    for field in fields(Config):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
-                            choices=CHOICES.get(field.name), help=f"overrides '{field.name}'")
+    for name in _setting_names():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name,
+                            choices=CHOICES.get(name), help=f"overrides '{name}'")
+    for name in DEPRECATED:  # accepted and ignored (a line in the log says so)
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=argparse.SUPPRESS)
+
+
+def _setting_names() -> list[str]:
+    return [f.name for f in fields(Config) if f.name != "deprecated"]
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -28,7 +34,25 @@ def config_from_args(args: argparse.Namespace) -> Config:
     path = args.config
     if path is None and os.environ.get("PINGUIN_CONFIG"):
         path = Path(os.environ["PINGUIN_CONFIG"])
-    return load_config(path, overrides={f.name: getattr(args, f.name, None) for f in fields(Config)})
+    names = [*_setting_names(), *DEPRECATED]
+    return load_config(path, overrides={name: getattr(args, name, None) for name in names})
+
+
+def config_path_from_args(args: argparse.Namespace) -> Path | None:
+    """The config file this process reads: --config, else $PINGUIN_CONFIG, else none."""
+    if args.config is not None:
+        return Path(args.config)
+    return Path(os.environ["PINGUIN_CONFIG"]) if os.environ.get("PINGUIN_CONFIG") else None
+
+
+def warn_if_config_readable(path: Path | None) -> None:
+    """Log one warning when the config holds auth_tokens that other accounts can read."""
+    from .logs import get_logger
+    from .service import config_permission_warning
+
+    warning = config_permission_warning(path) if path is not None else None
+    if warning:
+        get_logger("config").warning("config_readable_by_others", path=str(path), detail=warning)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -36,7 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import serve_forever
 
     cfg = config_from_args(args)
-    configure_logging(cfg.log_format, cfg.log_level)
+    configure_logging(cfg.log_format, cfg.log_level,
+                      Path(cfg.log_file).expanduser() if cfg.log_file else None)
+    warn_if_config_readable(config_path_from_args(args))
     return serve_forever(cfg)
 
 
@@ -75,13 +101,16 @@ def cmd_synthetic_model(args: argparse.Namespace) -> int:
 def cmd_check_model(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .config import resolve_dtype
+    from .engine.loop import mlx_device
     from .model.loader import FRAME_SAMPLES, load_model
     from .model.store import resolve
 
     quiet_hub_retries()
     start = time.perf_counter()
     files = resolve(args.path, args.quantization)
-    model = load_model(files, args.dtype, args.quantization)
+    device = mlx_device()
+    model = load_model(files, resolve_dtype(args.dtype, device), args.quantization)
     load_s = time.perf_counter() - start
     cfg = model.lm_config
     print(f"checkpoint      {files.source}{'  (SYNTHETIC: random weights)' if files.synthetic else ''}")
@@ -97,19 +126,19 @@ def cmd_check_model(args: argparse.Namespace) -> int:
           f"({files.asr_delay_seconds:.2f} s)")
     print(f"end-of-turn     {model.vad_heads} VAD heads" if model.vad_heads else
           "end-of-turn     no VAD heads (use the -candle checkpoint for end-of-turn detection)")
-    from .engine.loop import mlx_device
+    from .blas import blas_description
 
     print(f"compute         dtype {model.dtype}, quantization {model.quantization}, "
-          f"loaded in {load_s:.1f} s, MLX device {mlx_device()}")
-    # One real frame through Mimi and one LM step: proves the files work together.
+          f"loaded in {load_s:.1f} s, MLX device {device}, BLAS {blas_description()}")
+    # One real frame through the daemon's Mimi encoder and one LM step: the files work together.
     import mlx.core as mx
     from moshi_mlx import models, utils
 
-    try:
-        tokenizer = model.make_audio_tokenizer()
-        codes = tokenizer.encode_step(np.zeros((1, 1, FRAME_SAMPLES), np.float32))
-    except Exception as exc:  # rustymimi raises plain exceptions with the tensor name
-        raise UserError(f"Mimi codec {files.mimi_path} cannot be loaded by rustymimi: {exc}") from None
+    from .engine.batched_mimi import BatchedMimiEncoder, load_mimi
+
+    mimi = load_mimi(str(files.mimi_path), model.num_codebooks, mx.float32)
+    encoder = BatchedMimiEncoder(mimi, 1, mx.float32)
+    codes = encoder.encode(np.array([0]), np.zeros((1, FRAME_SAMPLES), np.float32))[:, :, None]
     gen = models.LmGen(model.lm, max_steps=2, text_sampler=utils.Sampler(temp=0),
                        audio_sampler=utils.Sampler(temp=0))
     step_start = time.perf_counter()
@@ -131,9 +160,9 @@ def cmd_service(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     repo = Path(__file__).resolve().parent.parent
-    config_path = args.config or Path(os.environ.get("PINGUIN_CONFIG", repo / "config" / "default.toml"))
+    config_path = config_path_from_args(args) or repo / "config" / "default.toml"
     if args.action == "install":
-        return service.install(repo, config_path, cfg, args.system, args.systemd)
+        return service.install(repo, config_path, cfg, args.system, args.systemd, args.user)
     if args.action == "uninstall":
         return service.uninstall(args.system)
     return service.status(cfg, args.system)
@@ -160,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     svc.add_argument("--system", action="store_true",
                      help="macOS: a LaunchDaemon started at boot (needs sudo) instead of a LaunchAgent")
     svc.add_argument("--systemd", action="store_true", help="Linux: install the systemd user unit")
+    svc.add_argument("--user", default=None, metavar="NAME",
+                     help="the account a LaunchDaemon runs as (default: who ran sudo; never root)")
     _add_setting_flags(svc)
     svc.set_defaults(func=cmd_service)
 
@@ -170,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-model", help="load a checkpoint and report what it holds")
     check.add_argument("path", help="local directory, Hugging Face repo id, or 'synthetic'")
-    check.add_argument("--dtype", choices=CHOICES["dtype"], default="bf16")
+    check.add_argument("--dtype", choices=CHOICES["dtype"], default="auto")
     check.add_argument("--quantization", choices=CHOICES["quantization"], default="none")
     check.set_defaults(func=cmd_check_model)
 
@@ -189,10 +220,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except UserError as exc:
         print(f"pinguin-daemon: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        code = exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        code = 130
     return code
+
+
+def entry() -> None:
+    """The `pinguin-daemon` command (and `python -m pinguin_daemon`): `main`, then exit.
+
+    After `serve`, the process leaves without running library teardown. The engine thread's
+    thread-local MLX state (its compile cache) is destroyed when that OS thread finishes, which
+    may be after the interpreter has begun to finalize: MLX then takes the GIL in a destructor and
+    the process aborts ("terminate called without an active exception", status -6) instead of
+    exiting with the daemon's status. Every session is closed and every log line written by now.
+    """
+    code = main()
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -15,17 +17,23 @@ from .errors import UserError
 DEFAULT_MODEL = "kyutai/stt-1b-en_fr-mlx"
 ENV_PREFIX = "PINGUIN_"
 # PINGUIN_* variables that are not settings: the config file path, where generated data goes,
-# and the test suite's cache.
-ENV_NOT_SETTINGS = frozenset({"PINGUIN_CONFIG", "PINGUIN_CACHE_DIR", "PINGUIN_TEST_CACHE"})
+# the test suite's cache, and the BLAS choice (read when the package is imported: blas.py).
+ENV_NOT_SETTINGS = frozenset({"PINGUIN_CONFIG", "PINGUIN_CACHE_DIR", "PINGUIN_TEST_CACHE", "PINGUIN_BLAS"})
+
+# Settings that no longer do anything: old configs keep starting (any value is accepted and
+# ignored, with one line in the log saying so).
+DEPRECATED: dict[str, str] = {
+    "encoder": "the batched MLX Mimi encoder now serves on every backend",
+    "encoder_threads": "the batched MLX Mimi encoder runs in the engine's step: no worker threads",
+}
 
 # Allowed values for the settings that are enumerations.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "dtype": ("bf16", "f32"),
+    "dtype": ("auto", "bf16", "f32"),
     "quantization": ("none", "q4", "q8"),
     "log_format": ("auto", "console", "json"),
     "log_level": ("debug", "info", "warning", "error"),
     "engine": ("batched", "sequential"),
-    "encoder": ("auto", "mlx", "rustymimi"),
     "advertise": ("on", "off"),
 }
 
@@ -37,15 +45,16 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 8000
     model: str = DEFAULT_MODEL
-    dtype: str = "bf16"
+    dtype: str = "auto"
     quantization: str = "none"
     max_sessions: int = 8
     temperature: float = 0.0
     seed: int = 299792458
     log_format: str = "auto"
     log_level: str = "info"
+    # The service's log file, rotated by the daemon at 10 MB with 5 kept; "" logs to stderr.
+    log_file: str = ""
     max_message_bytes: int = 1 << 20
-    encoder_threads: int = 0
     shutdown_timeout: float = 10.0
     auth_tokens: tuple[str, ...] = ()
     eot_head: int = 1
@@ -54,11 +63,18 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     engine: str = "batched"
-    encoder: str = "auto"
     http_port: int = 8001
     wyoming_port: int = 10300
     advertise: str = "on"
     max_upload_bytes: int = 25 * 1024 * 1024
+    max_upload_seconds: float = 3600.0
+    idle_timeout: float = 60.0
+    wyoming_allow: tuple[str, ...] = ()
+    max_connections: int = 512
+    allowed_origins: tuple[str, ...] = ()
+    resume_grace: float = 20.0
+    # Deprecated settings found (name and where), for one line in the log; not a setting itself.
+    deprecated: tuple[str, ...] = ()
 
 
 def _convert(key: str, raw: Any, source: str) -> Any:
@@ -105,8 +121,27 @@ def _convert(key: str, raw: Any, source: str) -> Any:
         raise UserError(f"setting 'max_sessions' in {source} must be between 1 and 256, got {value}")
     if key == "max_message_bytes" and value < 4:
         raise UserError(f"setting 'max_message_bytes' in {source} must be at least 4, got {value}")
-    if key == "encoder_threads" and not 0 <= value <= 64:
-        raise UserError(f"setting 'encoder_threads' in {source} must be between 0 and 64, got {value}")
+    if key == "max_upload_seconds" and not 1 <= value <= 86400:
+        raise UserError(f"setting 'max_upload_seconds' in {source} must be 1 to 86400 seconds, got {value}")
+    if key == "idle_timeout" and not 0 <= value <= 86400:
+        raise UserError(f"setting 'idle_timeout' in {source} must be 0 (never) or up to 86400 seconds, "
+                        f"got {value}")
+    if key == "resume_grace" and not 0 <= value <= 600:
+        raise UserError(f"setting 'resume_grace' in {source} must be 0 (off) to 600 seconds, got {value}")
+    if key == "max_connections" and not 16 <= value <= 1_000_000:
+        raise UserError(f"setting 'max_connections' in {source} must be at least 16, got {value}")
+    if key == "wyoming_allow":
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise UserError(f"setting 'wyoming_allow' in {source}: {item!r} is not an IP address or "
+                                "CIDR range (e.g. 192.168.1.20 or 10.0.0.0/24)") from None
+    if key == "allowed_origins":
+        for item in value:
+            if item != "*" and not re.fullmatch(r"https?://[^/\s]+", item):
+                raise UserError(f"setting 'allowed_origins' in {source}: {item!r} is not a web origin "
+                                "(scheme://host[:port], e.g. https://example.com) or *")
     if key == "shutdown_timeout" and not 0 < value <= 300:
         raise UserError(f"setting 'shutdown_timeout' in {source} must be in (0, 300] seconds, got {value}")
     if key == "eot_head" and not 0 <= value <= 15:
@@ -120,6 +155,10 @@ def _convert(key: str, raw: Any, source: str) -> Any:
     return value
 
 
+def _deprecated(out: dict[str, Any], key: str, source: str) -> None:
+    out["deprecated"] = (*out.get("deprecated", ()), f"{key} ({source})")
+
+
 def _from_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -127,9 +166,12 @@ def _from_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"config file {path} does not exist; pass an existing file with --config") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"config file {path} is not valid TOML: {exc}") from None
-    known = {f.name for f in fields(Config)}
+    known = {f.name for f in fields(Config)} - {"deprecated"}
     out: dict[str, Any] = {}
     for key, raw in data.items():
+        if key in DEPRECATED:
+            _deprecated(out, key, str(path))
+            continue
         if key not in known:
             raise UserError(f"unknown setting '{key}' in {path}; known settings: {', '.join(sorted(known))}")
         out[key] = _convert(key, raw, str(path))
@@ -138,11 +180,14 @@ def _from_toml(path: Path) -> dict[str, Any]:
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    known = {f.name for f in fields(Config)}
+    known = {f.name for f in fields(Config)} - {"deprecated"}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name in ENV_NOT_SETTINGS:
             continue
         key = name[len(ENV_PREFIX):].lower()
+        if key in DEPRECATED:
+            _deprecated(out, key, f"environment variable {name}")
+            continue
         if key not in known:
             raise UserError(f"unknown environment variable {name}; known: "
                             + ", ".join(ENV_PREFIX + k.upper() for k in sorted(known)))
@@ -163,10 +208,29 @@ def load_config(
         overrides: values from command-line flags; None values are ignored.
     """
     values: dict[str, Any] = {}
-    if path is not None:
-        values.update(_from_toml(path))
-    values.update(_from_env(os.environ if env is None else env))
+    deprecated: tuple[str, ...] = ()
+    from_file = _from_toml(path) if path is not None else {}
+    for layer in (from_file, _from_env(os.environ if env is None else env)):
+        deprecated += layer.pop("deprecated", ())
+        values.update(layer)
     for key, raw in (overrides or {}).items():
-        if raw is not None:
-            values[key] = _convert(key, raw, f"command-line flag --{key.replace('_', '-')}")
-    return dataclasses.replace(Config(), **values)
+        if raw is None:
+            continue
+        if key in DEPRECATED:
+            deprecated += (f"{key} (command-line flag --{key.replace('_', '-')})",)
+            continue
+        values[key] = _convert(key, raw, f"command-line flag --{key.replace('_', '-')}")
+    return dataclasses.replace(Config(), **values, deprecated=deprecated)
+
+
+def resolve_dtype(setting: str, device: str) -> str:
+    """The compute dtype for the `dtype` setting: "auto" is f32 where MLX computes on a CPU (exact,
+    and with an optimized BLAS faster than bf16 there), bf16 on a GPU.
+
+    Args:
+        setting: "auto", "bf16" or "f32".
+        device: what MLX computes on ("cpu", "metal", "cuda").
+    """
+    if setting != "auto":
+        return setting
+    return "f32" if device == "cpu" else "bf16"

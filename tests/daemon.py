@@ -105,11 +105,29 @@ def flushed_audio(pcm: np.ndarray, model: loader.LoadedModel) -> np.ndarray:
     return padded
 
 
+_MIMI: dict[str, object] = {}
+
+
+def stream_codes(model: loader.LoadedModel, samples: np.ndarray) -> np.ndarray:
+    """The codes the daemon's encoder (the batched MLX Mimi, f32) gives a stream of whole frames
+    alone: a fresh encoder, one frame per call. (Its codes equal Kyutai's rustymimi but for float
+    near-ties; tests/test_batched_mimi.py measures that.)"""
+    import mlx.core as mx
+
+    from pinguin_daemon.engine.batched_mimi import BatchedMimiEncoder, load_mimi
+
+    path = str(model.files.mimi_path)
+    if path not in _MIMI:
+        _MIMI[path] = load_mimi(path, model.num_codebooks, mx.float32)
+    encoder = BatchedMimiEncoder(_MIMI[path], 1, mx.float32)  # type: ignore[arg-type]
+    frames = samples.reshape(-1, FRAME)
+    return np.stack([encoder.encode(np.array([0]), frame[None])[0] for frame in frames])
+
+
 def reference_tokens(model: loader.LoadedModel, samples: np.ndarray) -> list[int]:
-    """Kyutai's reference (fresh Mimi, LmGen alone, greedy) on whole frames of samples."""
-    tokenizer = model.make_audio_tokenizer()
-    codes = tokenizer.encode_step(samples[None, None])[0].T.astype(np.int64)
-    return reference_run(model, codes).tokens
+    """The reference for a stream alone on whole frames of samples: its codes (a fresh encoder),
+    then Kyutai's LmGen alone, greedy."""
+    return reference_run(model, stream_codes(model, samples)).tokens
 
 
 def reference_words(model: loader.LoadedModel, tokens: list[int]) -> list[tuple[str, str, float]]:
@@ -127,8 +145,8 @@ def reference_words(model: loader.LoadedModel, tokens: list[int]) -> list[tuple[
 
 
 def reference_text(model: loader.LoadedModel, pcm: np.ndarray) -> str:
-    """What /ws must send for `pcm` alone: Kyutai's reference on the same frames the daemon
-    encodes (the partial last frame zero-padded, then the flush's silence)."""
+    """What /ws must send for `pcm` alone: the reference on the same frames the daemon encodes
+    (the partial last frame zero-padded, then the flush's silence)."""
     tokens = reference_tokens(model, flushed_audio(pcm, model))
     pieces = [model.text_tokenizer.id_to_piece(t) for t in tokens if t not in SPECIAL_TOKENS]
     return "".join(pieces).replace(WORD_MARKER, " ")

@@ -1,15 +1,11 @@
-"""Payload decoding, re-framing and the encoder pool, without a server."""
+"""Payload decoding, resampling and re-framing, without a server."""
 
 from __future__ import annotations
-
-import asyncio
-import itertools
 
 import numpy as np
 import pytest
 
-from pinguin_daemon.audio.encoder import EncoderPool
-from pinguin_daemon.audio.pcm import BadAudio, Reframer, decode_f32le
+from pinguin_daemon.audio.pcm import BadAudio, Reframer, Resampler, decode_f32le, decode_pcm
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000, 1919, 1920, 1921, 2400, 10000])
@@ -46,35 +42,27 @@ def test_decode_rejects_bad_payloads(payload: bytes, message: str) -> None:
         decode_f32le(payload)
 
 
-class FakeEncoder:
-    def __init__(self, serial: int) -> None:
-        self.serial = serial
-        self.used = False
+def test_integer_pcm_of_any_width_and_channel_count_becomes_mono_float() -> None:
+    left = np.array([0.5, -0.5, 0.25], np.float32)
+    right = np.array([-0.5, 0.5, 0.25], np.float32)
+    stereo16 = (np.stack([left, right], axis=1) * 32768).astype("<i2").tobytes()
+    assert decode_pcm(stereo16, 2, 2).tolist() == [0.0, 0.0, 0.25]  # channels averaged, not appended
+    four = (np.repeat(left[:, None], 4, axis=1) * 2**31).astype("<i4").tobytes()
+    assert np.allclose(decode_pcm(four, 4, 4), left)
+    assert np.allclose(decode_pcm(bytes([128, 192, 64]), 1, 1), [0.0, 0.5, -0.5])
+    with pytest.raises(BadAudio, match="not whole 2-byte samples of 2 channel"):
+        decode_pcm(b"\x00" * 6, 2, 2)
+    with pytest.raises(BadAudio, match="width 3"):
+        decode_pcm(b"\x00" * 6, 3, 1)
 
-    def encode_step(self, pcm: np.ndarray) -> np.ndarray:
-        self.used = True
-        return np.full((1, 32, pcm.shape[-1] // 1920), self.serial, np.uint32)
 
-
-def test_encoder_pool_never_hands_out_a_used_encoder() -> None:
-    serials = itertools.count()
-    pool = EncoderPool(lambda: FakeEncoder(next(serials)), max_encoders=2, threads=2)
-
-    async def scenario() -> list[FakeEncoder]:
-        pool.preload()
-        seen = []
-        for _ in range(4):
-            enc = await pool.acquire()
-            assert not enc.used
-            codes = await pool.encode(enc, np.zeros((3, 1920), np.float32))
-            assert codes.shape == (3, 32)
-            seen.append(enc)
-            pool.release(enc)
-        a, b = await pool.acquire(), await pool.acquire()
-        seen += [a, b]
-        assert pool._alive <= 2  # never more encoders than slots (each ~450 MB)
-        return seen
-
-    seen = asyncio.run(scenario())
-    pool.shutdown()
-    assert len({e.serial for e in seen}) == len(seen)
+def test_resampler_follows_a_change_of_rate_without_losing_audio() -> None:
+    resampler = Resampler(24000)
+    tone16 = np.sin(np.arange(16000) * 2 * np.pi * 440 / 16000).astype(np.float32)  # 1 s at 16 kHz
+    tone48 = np.sin(np.arange(48000) * 2 * np.pi * 440 / 48000).astype(np.float32)  # 1 s at 48 kHz
+    out = [resampler.push(tone16[:8000], 16000), resampler.push(tone16[8000:], 16000),
+           resampler.push(tone48, 48000), resampler.drain()]
+    total = sum(len(o) for o in out)
+    assert abs(total - 48000) <= 2  # two seconds at 24 kHz: nothing dropped at the switch
+    same = Resampler(24000)
+    assert np.array_equal(same.push(tone16[:100] * 0 + 0.1, 24000), tone16[:100] * 0 + 0.1)  # no filter

@@ -41,7 +41,7 @@ def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
     [
         ('port = "eighty"\n', r"'port' in .*c\.toml must be int"),
         ("max_sessions = 0\n", r"'max_sessions' .* between 1 and 256"),
-        ('dtype = "fp16"\n', r"'dtype' .* one of bf16, f32"),
+        ('dtype = "fp16"\n', r"'dtype' .* one of auto, bf16, f32"),
         ("temperature = true\n", r"'temperature' .* must be float"),
         ("port = [\n", r"not valid TOML"),
     ],
@@ -67,3 +67,36 @@ def test_cli_reports_config_error_in_one_line(tmp_path: Path,
     assert main(["serve", "--config", str(cfg_file)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown setting 'colour'" in err and "Traceback" not in err
+
+
+def test_old_configs_with_removed_encoder_settings_keep_starting(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "old.toml"
+    cfg_file.write_text('encoder = "rustymimi"\nencoder_threads = 4\nport = 9001\n')
+    cfg = load_config(cfg_file, env={"PINGUIN_ENCODER": "whatever"}, overrides={"encoder_threads": "x"})
+    assert cfg.port == 9001
+    assert cfg.deprecated == (f"encoder ({cfg_file})", f"encoder_threads ({cfg_file})",
+                              "encoder (environment variable PINGUIN_ENCODER)",
+                              "encoder_threads (command-line flag --encoder-threads)")
+
+
+def test_new_settings_are_checked(tmp_path: Path) -> None:
+    cfg = load_config(None, env={"PINGUIN_WYOMING_ALLOW": "192.168.1.20, 10.0.0.0/24",
+                                 "PINGUIN_ALLOWED_ORIGINS": "https://example.com,*",
+                                 "PINGUIN_IDLE_TIMEOUT": "2", "PINGUIN_MAX_UPLOAD_SECONDS": "60"})
+    assert cfg.wyoming_allow == ("192.168.1.20", "10.0.0.0/24")
+    assert cfg.allowed_origins == ("https://example.com", "*")
+    assert (cfg.idle_timeout, cfg.max_upload_seconds) == (2.0, 60.0)
+    with pytest.raises(UserError, match="'wyoming_allow'.*'home-assistant.local' is not an IP"):
+        load_config(None, env={"PINGUIN_WYOMING_ALLOW": "home-assistant.local"})
+    with pytest.raises(UserError, match="'allowed_origins'.*not a web origin"):
+        load_config(None, env={"PINGUIN_ALLOWED_ORIGINS": "example.com/page"})
+    with pytest.raises(UserError, match="'max_connections'.*at least 16"):
+        load_config(None, env={"PINGUIN_MAX_CONNECTIONS": "3"})
+
+
+def test_dtype_auto_is_f32_on_a_cpu_and_bf16_on_a_gpu() -> None:
+    from pinguin_daemon.config import resolve_dtype
+
+    assert Config().dtype == "auto"
+    assert [resolve_dtype("auto", d) for d in ("cpu", "metal", "cuda")] == ["f32", "bf16", "bf16"]
+    assert resolve_dtype("bf16", "cpu") == "bf16" and resolve_dtype("f32", "metal") == "f32"

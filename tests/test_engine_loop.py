@@ -40,7 +40,7 @@ def wait_for(predicate, timeout: float = TIMEOUT) -> None:
 
 def test_engine_thread_serves_sessions(synthetic_dir: Path) -> None:
     files = store.files_in_directory(synthetic_dir, "none")
-    engine = Engine(lambda: loader.load_model(files, "f32"), num_slots=2)
+    engine = Engine(lambda: loader.load_model(files, "f32"), num_slots=2, encode_audio=False)
     engine.start()
     try:
         assert engine.ready.wait(TIMEOUT) and engine.alive

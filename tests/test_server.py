@@ -170,7 +170,7 @@ def test_sigterm_flushes_sessions_and_exits_zero(synthetic_dir: Path, ref_model:
             return await asyncio.gather(*clients)
 
         results = asyncio.run(scenario())
-        assert proc.proc.wait(60) == 0
+        assert proc.proc.wait(60) == 0, "".join(line for line in proc.raw if not line.startswith("{"))[-3000:]
         for clip, result in zip(speech_clips, results, strict=False):
             assert result.close_code == 1001, result
             prefix = "server shutting down; transcribed the first "

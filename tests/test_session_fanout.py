@@ -8,9 +8,9 @@ import asyncio
 import pytest
 
 from pinguin_daemon.engine.events import TextPiece
-from pinguin_daemon.server import session as session_mod
+from pinguin_daemon.server import websocket as websocket_mod
 from pinguin_daemon.server.protocols import SeedProtocol, SessionInfo
-from pinguin_daemon.server.session import MAX_UNREAD_BYTES, Session
+from pinguin_daemon.server.websocket import MAX_UNREAD_BYTES, WsStream
 
 
 class FakeTransport:
@@ -42,10 +42,14 @@ def piece(text: str) -> TextPiece:
     return TextPiece(text, 100, 1)
 
 
-def new_session(ws: GatedSocket) -> Session:
+def new_session(ws: GatedSocket) -> WsStream:
     info = SessionInfo("s", "synthetic", 0.5, 6, 0, 1, 0.5, 0)
-    return Session(ws, "s", engine=None, encoders=None,  # type: ignore[arg-type]
-                   protocol=SeedProtocol(info), stopping=asyncio.Event())
+    return WsStream(ws, SeedProtocol(info))  # type: ignore[arg-type]
+
+
+def deliver(stream: WsStream, events: list[TextPiece]) -> None:
+    """One engine step of the session, as its Session hands it to the WebSocket side."""
+    stream.on_step(events, 1, 0)  # type: ignore[arg-type]
 
 
 def test_slow_reader_gets_merged_text() -> None:
@@ -53,12 +57,11 @@ def test_slow_reader_gets_merged_text() -> None:
         ws = GatedSocket()
         session = new_session(ws)
         sender = asyncio.create_task(session._send_loop())
-        session._deliver([piece(" hel")])
+        deliver(session, [piece(" hel")])
         await asyncio.sleep(0.01)  # the sender is now stuck in send(" hel")
-        session._deliver([piece("lo")])
-        session._deliver([])  # a step without text
-        session._deliver([piece(" world")])
-        assert session.stepped == 4
+        deliver(session, [piece("lo")])
+        deliver(session, [])  # a step without text
+        deliver(session, [piece(" world")])
         ws.gate.set()
         await asyncio.sleep(0.01)
         sender.cancel()
@@ -69,11 +72,11 @@ def test_slow_reader_gets_merged_text() -> None:
 
 @pytest.fixture
 def quick_watchdog(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_mod, "UNREAD_GRACE_S", 0.3)
-    monkeypatch.setattr(session_mod, "READER_CHECK_S", 0.02)
+    monkeypatch.setattr(websocket_mod, "UNREAD_GRACE_S", 0.3)
+    monkeypatch.setattr(websocket_mod, "READER_CHECK_S", 0.02)
 
 
-async def watch(session: Session, seconds: float) -> bool:
+async def watch(session: WsStream, seconds: float) -> bool:
     """True when the watchdog decided within `seconds` that the client is not reading."""
     watchdog = asyncio.create_task(session._watch_reader())
     done, _ = await asyncio.wait({watchdog}, timeout=seconds)
@@ -86,9 +89,9 @@ def test_a_client_that_stops_reading_is_caught(quick_watchdog: None) -> None:
         ws = GatedSocket()
         session = new_session(ws)
         sender = asyncio.create_task(session._send_loop())
-        session._deliver([piece("x" * 100)])
+        deliver(session, [piece("x" * 100)])
         under_bound = await watch(session, 1.0)  # stuck, but little is waiting: not yet
-        session._deliver([piece("y" * MAX_UNREAD_BYTES)])
+        deliver(session, [piece("y" * MAX_UNREAD_BYTES)])
         over_bound = await watch(session, 1.0)
         sender.cancel()
         return under_bound, over_bound
@@ -101,7 +104,7 @@ def test_a_reader_is_never_closed_for_one_large_message(quick_watchdog: None) ->
         ws = GatedSocket()
         session = new_session(ws)
         sender = asyncio.create_task(session._send_loop())
-        session._deliver([piece("z" * (3 * MAX_UNREAD_BYTES))])  # over the bound by itself
+        deliver(session, [piece("z" * (3 * MAX_UNREAD_BYTES))])  # over the bound by itself
 
         async def slow_reader() -> None:  # drains in small steps, slower than the grace
             for _ in range(30):

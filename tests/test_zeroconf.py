@@ -61,6 +61,7 @@ def test_a_zeroconf_browser_finds_both_services(synthetic_dir: Path, namespace: 
     wyoming_port = 10300
     proc = DaemonProcess("--model", str(synthetic_dir), "--dtype", "f32", "--max-sessions", "1",
                          "--host", "0.0.0.0", "--wyoming-port", str(wyoming_port), "--auth-tokens", "t",
+                         "--wyoming-allow", "192.168.1.20",
                          prefix=("ip", "netns", "exec", namespace))
     try:
         proc.wait_event("advertised")
@@ -83,3 +84,11 @@ def test_a_daemon_on_loopback_only_does_not_advertise(synthetic_dir: Path) -> No
         assert proc.events("listening") and not proc.events("advertised")
     finally:
         proc.stop()
+
+
+def test_wyoming_is_advertised_only_while_someone_may_use_it() -> None:
+    from pinguin_daemon.server.wyoming_server import advertised
+
+    assert advertised(auth_required=False, allow=())  # no tokens: a trusted LAN, open to all
+    assert advertised(auth_required=True, allow=("192.168.1.20",))
+    assert not advertised(auth_required=True, allow=())  # tokens and nobody allowed: hidden

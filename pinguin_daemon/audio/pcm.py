@@ -1,6 +1,8 @@
-"""Payload decoding and re-framing into the model's 80 ms frames. Pure numpy, no I/O."""
+"""Payload decoding, resampling to 24 kHz and re-framing into the model's 80 ms frames. No I/O."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -56,3 +58,55 @@ class Reframer:
     def buffered(self) -> int:
         """Samples waiting for a whole frame."""
         return len(self._buffer)
+
+
+def decode_pcm(payload: bytes, width: int, channels: int) -> np.ndarray:
+    """Little-endian integer PCM (unsigned 8-bit, signed 16- or 32-bit), any channel count, as
+    float32 mono (the channels averaged).
+
+    Raises:
+        BadAudio: an unsupported width, or a length that is not whole samples of every channel.
+    """
+    if width not in (1, 2, 4):
+        raise BadAudio(f"sample width {width} is not supported: use 1, 2 or 4 bytes")
+    if len(payload) % (width * channels):
+        raise BadAudio(f"{len(payload)} bytes are not whole {width}-byte samples of {channels} channel(s)")
+    if width == 1:
+        samples = (np.frombuffer(payload, np.uint8).astype(np.float32) - 128.0) / 128.0
+    else:
+        samples = np.frombuffer(payload, "<i2" if width == 2 else "<i4").astype(np.float32)
+        samples /= float(2 ** (8 * width - 1))
+    if channels > 1:
+        samples = samples.reshape(-1, channels).mean(axis=1, dtype=np.float32)
+    return samples
+
+
+class Resampler:
+    """Audio at any rate, streamed into 24 kHz with soxr (HQ); follows a change of rate between
+    chunks (what came before is finished at its own rate first)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.rate = 0  # rate of the audio in the filter (0: none yet)
+        self._stream: Any = None  # soxr stream, None when rate == target
+
+    def push(self, samples: np.ndarray, rate: int) -> np.ndarray:
+        """Samples at `rate` in; what is ready at the target rate out (the filter keeps a tail)."""
+        head = self.drain() if rate != self.rate and self.rate else np.zeros(0, np.float32)
+        if rate != self.rate:
+            import soxr
+
+            self.rate = rate
+            self._stream = (None if rate == self.target else
+                            soxr.ResampleStream(rate, self.target, 1, dtype="float32", quality="HQ"))
+        out = samples if self._stream is None else self._stream.resample_chunk(samples)
+        out = np.asarray(out, np.float32)
+        return np.concatenate([head, out]) if len(head) else out
+
+    def drain(self) -> np.ndarray:
+        """The filter's last samples; the next push starts a fresh filter."""
+        if self._stream is None:
+            return np.zeros(0, np.float32)
+        tail = np.asarray(self._stream.resample_chunk(np.zeros(0, np.float32), last=True), np.float32)
+        self.rate, self._stream = 0, None
+        return tail

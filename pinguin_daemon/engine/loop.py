@@ -26,6 +26,7 @@ from .events import Event, SessionClosed
 Sink = Callable[[list[Event]], None]
 log = get_logger("engine")
 
+
 def mlx_device() -> str:
     """What MLX computes on: "metal", "cuda", or "cpu" (a CPU-only MLX, or no GPU found)."""
     import mlx.core as mx
@@ -72,7 +73,7 @@ class Engine:
     """Runs `EngineCore` on a dedicated thread and admits sessions up to the slot count."""
 
     def __init__(self, load: Callable[[], LoadedModel], num_slots: int, temperature: float = 0.0,
-                 seed: int = 0, mode: str = "batched", encoder: str = "rustymimi") -> None:
+                 seed: int = 0, mode: str = "batched", encode_audio: bool = True) -> None:
         """Args:
             load: builds the model; called on the engine thread (MLX stays on one thread).
             num_slots: concurrent sessions.
@@ -80,13 +81,11 @@ class Engine:
             seed: base seed for sampling.
             mode: "batched" (one MLX step for all slots) or "sequential" (the seed's design:
                 one LmGen per session, stepped one after another; a benchmark baseline).
-            encoder: "mlx" (the engine encodes audio with its batched Mimi: sessions submit
-                PCM frames), "rustymimi" (sessions submit codes) or "auto" (mlx when MLX computes
-                on a GPU, rustymimi on a CPU-only MLX); resolved on the engine thread.
+            encode_audio: the engine encodes audio with its batched Mimi (sessions submit 1920-sample
+                PCM frames: the daemon); False: sessions submit audio codes (tests of the LM alone).
         """
         self._mode = mode
-        self._encoder_setting = encoder
-        self.encoder = ""  # "mlx" or "rustymimi", once resolved
+        self._encode_audio = encode_audio
         self.device = ""  # what MLX computes on, once loaded
         self._load = load
         self.num_slots = num_slots
@@ -132,7 +131,7 @@ class Engine:
             return self.num_slots - self._in_use
 
     def submit(self, session_id: str, frame: np.ndarray) -> None:
-        """Queue one frame for the session: (1920,) samples with the mlx encoder, else codes."""
+        """Queue one frame for the session: (1920,) samples (or codes, without encode_audio)."""
         self._inbox.put(_Frame(session_id, frame))
 
     def close_session(self, session_id: str, reason: str = "closed") -> None:
@@ -148,12 +147,9 @@ class Engine:
     def _run(self) -> None:
         try:
             started = time.perf_counter()
-            self.model = self._load()
             self.device = mlx_device()
+            self.model = self._load()
             on_gpu = self.device != "cpu"
-            self.encoder = self._encoder_setting
-            if self.encoder == "auto":  # rustymimi is ~5x faster than MLX convolutions on a CPU
-                self.encoder = "mlx" if on_gpu else "rustymimi"
             # On a GPU, steps of a fixed shape: kernels never depend on who else is connected.
             core_class = EngineCore
             if self._mode == "sequential":
@@ -161,18 +157,18 @@ class Engine:
 
                 core_class = SequentialCore
             core = core_class(self.model, self.num_slots, self._temperature, self._seed,
-                              encode_audio=self.encoder == "mlx", fixed_shape=on_gpu)
+                              encode_audio=self._encode_audio, fixed_shape=on_gpu)
             core.warmup()
             self.load_seconds = time.perf_counter() - started
             log.info("engine_ready", slots=self.num_slots, load_s=round(self.load_seconds, 2),
-                     device=self.device, encoder=self.encoder, fixed_shape=on_gpu)
+                     device=self.device, dtype=self.model.dtype, fixed_shape=on_gpu)
             self.ready.set()
             self._loop(core)
         except BaseException as exc:  # noqa: BLE001 - reported through `failed` and the log
             self.failed = exc
-            if isinstance(exc, UserError):
-                log.error("engine_failed", error=str(exc))
-            else:
+            # A UserError (a bad setting or file, no network for the download) is the one line
+            # the daemon's caller prints; anything else is a bug, logged with its traceback.
+            if not isinstance(exc, UserError):
                 log.exception("engine_failed")
 
     def _apply(self, core: EngineCore, command: Command) -> bool:

@@ -1,47 +1,49 @@
-"""The daemon: loads the model, then listens; routes /ws, /healthz, /readyz; shuts down in order.
+"""The daemon: binds its ports, loads the model, serves every front end, shuts down in order.
 
 Lifecycle (a small state machine; a signal only changes the state):
     starting -> serving -> draining -> stopped
-- starting: the engine thread loads and warms the model; the port is not open yet.
-- serving: sessions are admitted up to max_sessions; one more is refused with 1013.
-- draining (SIGTERM/SIGINT): the listener closes; each open session gets its last words and a
-  1001; after shutdown_timeout the rest are cut. Exit 0.
-If the engine thread dies, sessions are closed with 1011 and the daemon exits 1 (launchd restarts).
+- starting: every port is bound first (a port in use stops the daemon at once, in one line);
+  health checks answer while the engine thread loads and warms the model, sessions get 503.
+- serving: sessions are admitted up to max_sessions through the gateway, from every front end.
+- draining (SIGTERM/SIGINT): the listeners stop accepting; each open session, whatever its front
+  end, gets its last words and its protocol's end; after shutdown_timeout the rest are cut. Exit 0.
+If the engine thread dies, sessions are cut (1011) and the daemon exits 1 (launchd restarts it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import os
-import secrets
 import signal
+import socket
 import ssl
 import time
 from http import HTTPStatus
 from importlib import resources
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from ..audio.encoder import EncoderPool
-from ..config import Config
-from ..engine.loop import REALTIME_BUDGET_S, Engine
+from ..blas import blas_description, blas_warning
+from ..config import DEPRECATED, Config, resolve_dtype
+from ..engine.loop import REALTIME_BUDGET_S, Engine, mlx_device
 from ..errors import UserError
 from ..logs import get_logger
 from ..model.loader import LoadedModel, load_model
 from ..model.store import resolve
-from .advertise import lan_addresses
-from .auth import token_ok
-from .codes import HEALTH_PATH, METRICS_PATH, PAGE_PATH, READY_PATH, STATUS_PATH, WS_PATH, Close
-from .frontends import Frontends, start_frontends
+from .advertise import Advert, advertise, lan_addresses
+from .auth import origin_allowed, token_ok
+from .codes import HEALTH_PATH, METRICS_PATH, PAGE_PATH, READY_PATH, STATUS_PATH, WS_PATH
+from .connections import ConnectionBudget, bind, close_quietly, raise_nofile_limit, serve_gated
+from .gateway import Gateway
 from .metrics import CONTENT_TYPE, Metrics
 from .protocols import PROTOCOLS, SessionInfo
-from .session import Session
+from .websocket import serve_connection
 
 log = get_logger("daemon")
 
@@ -49,49 +51,48 @@ log = get_logger("daemon")
 MAX_QUEUE = 16
 # Outgoing bytes buffered per connection before send() waits for the client to read.
 WRITE_LIMIT = 64 * 1024
-# A session arriving when every slot is taken looks for one this many times, this far apart, before
-# 1013 (1 s on an idle machine). Counted in looks, not wall time: while something stalls the whole
-# process (rustymimi holds the GIL for each encoder build, ~0.35 s), the event loop cannot process
-# the closes that free slots, and that time must not count against the newcomer.
-ADMISSION_POLLS = 50
-ADMISSION_POLL_S = 0.02
+# A WebSocket handshake (TLS included) must complete within this many seconds.
+OPEN_TIMEOUT_S = 10.0
+# Paths a connection past max_connections may still ask (the health reserve).
+HEALTH_PATHS = (HEALTH_PATH, READY_PATH, METRICS_PATH)
 
 
 class Daemon:
-    """Owns the listener, the session records and the shutdown; the engine owns the model."""
+    """Owns the listeners, the gateway and the shutdown; the engine owns the model."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.engine = Engine(self._load_model, cfg.max_sessions, cfg.temperature, cfg.seed, cfg.engine,
-                             cfg.encoder)
-        self.encoders: EncoderPool | None = None
-        self.frontends = Frontends()  # file API, Wyoming, adverts: started once serving
-        self.sessions: dict[str, Session] = {}
-        self.tasks: dict[str, asyncio.Task[None]] = {}  # handler task per session
+        self.engine = Engine(self._load_model, cfg.max_sessions, cfg.temperature, cfg.seed, cfg.engine)
+        self.metrics = Metrics(lambda: self.engine.free_slots)
+        self.engine.on_step = self.metrics.observe_step
+        self.gateway = Gateway(self.engine, cfg.max_sessions, cfg.idle_timeout, self.metrics)
         self.state = "starting"
         self.stop_requested = asyncio.Event()
-        self.stopping = asyncio.Event()  # tells sessions to finish
-        self.refused = 0
-        self._ids = itertools.count(1)
         self.port = 0
-        self.metrics = Metrics(lambda: self.engine.free_slots)
+        self.http_port = 0
+        self.wyoming_port = 0
+        self.budget = ConnectionBudget(cfg.max_connections, 1 << 20)  # resized at start
         self.started = time.monotonic()
+        self.ssl_context: ssl.SSLContext | None = None
+        self._side_servers: list[asyncio.Server] = []  # file API and Wyoming listeners
+        self.file_api: Any = None
+        self.wyoming: Any = None
+        self.advert: Advert | None = None
         # The status page: static, self-contained (the Mac may be offline), read once.
         self.page = (resources.files("pinguin_daemon") / "web" / "index.html").read_bytes()
-        self.engine.on_step = self.metrics.observe_step
 
     def _load_model(self) -> LoadedModel:
         """Runs on the engine thread."""
         files = resolve(self.cfg.model, self.cfg.quantization)
-        return load_model(files, self.cfg.dtype, self.cfg.quantization)
+        return load_model(files, resolve_dtype(self.cfg.dtype, mlx_device()), self.cfg.quantization)
 
     def request_stop(self) -> None:
         """Signal handler: only changes state."""
         if not self.stop_requested.is_set():
-            log.info("shutdown_requested", sessions=len(self.sessions))
+            log.info("shutdown_requested", sessions=len(self.gateway.sessions))
         self.stop_requested.set()
 
-    # ---- HTTP side ----------------------------------------------------------------------------
+    # ---- HTTP side of the main port -----------------------------------------------------------
     def _json(self, connection: ServerConnection, status: int, body: dict[str, object]) -> Response:
         return self._body(connection, (json.dumps(body) + "\n").encode(), "application/json", status)
 
@@ -105,32 +106,59 @@ class Daemon:
         response.headers["Content-Length"] = str(len(body))
         return response
 
+    @property
+    def serving(self) -> bool:
+        return self.state == "serving" and self.engine.alive
+
+    def _model_facts(self) -> dict[str, object]:
+        model = self.engine.model
+        return {"model": self.cfg.model,
+                "dtype": model.dtype if model is not None else self.cfg.dtype,
+                "end_of_turn": (model.vad_heads > 0) if model is not None else None,
+                "device": self.engine.device, "encoder": "mlx", "blas": blas_description()}
+
     def status(self) -> dict[str, object]:
         """What the status page shows: the model, where it computes, slots, step times."""
-        model = self.engine.model
         by_endpoint: dict[str, int] = {}
-        for session in self.sessions.values():
-            by_endpoint[session.protocol.path] = by_endpoint.get(session.protocol.path, 0) + 1
+        for session in self.gateway.sessions.values():
+            by_endpoint[session.frontend] = by_endpoint.get(session.frontend, 0) + 1
         return {
-            "state": self.state, "model": self.cfg.model,
-            "dtype": model.dtype if model is not None else self.cfg.dtype,
-            "device": self.engine.device, "encoder": self.engine.encoder,
+            "state": self.state, **self._model_facts(),
             "slots": self.cfg.max_sessions, "free_slots": self.engine.free_slots,
-            "sessions": len(self.sessions), "sessions_by_endpoint": by_endpoint,
+            "sessions": len(self.gateway.sessions), "sessions_by_endpoint": by_endpoint,
+            "connections": self.budget.open, "max_connections": self.budget.limit,
             "step_ms": self.metrics.step_percentiles_ms(), "budget_ms": round(REALTIME_BUDGET_S * 1000),
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
+
+    def _ready(self) -> tuple[bool, dict[str, object]]:
+        free = self.engine.free_slots
+        ready = self.serving and free > 0
+        return ready, {"ready": ready, "state": self.state, "engine_alive": self.engine.alive,
+                       "full": self.serving and free == 0, "sessions": len(self.gateway.sessions),
+                       "free_slots": free, **self._model_facts()}
 
     def _authorized(self, request: Request) -> bool:
         return token_ok(self.cfg.auth_tokens, request.headers, urlsplit(request.path).query)
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
+        peer = str(connection.remote_address[0]) if connection.remote_address else ""
+        if getattr(connection, "admission", "ok") == "health" and path not in HEALTH_PATHS:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections: try again "
+                                      "later\n")
         if path == HEALTH_PATH:  # liveness carries no data: open even with auth_tokens
             return connection.respond(HTTPStatus.OK, "ok\n")
-        if path == PAGE_PATH and "upgrade" not in request.headers.get("Connection", "").lower():
+        upgrade = "upgrade" in request.headers.get("Connection", "").lower()
+        if path == PAGE_PATH and not upgrade:
             # The page holds no data (it asks /status and /v2 with the token the user types).
             return self._body(connection, self.page, "text/html; charset=utf-8")
+        if upgrade and not origin_allowed(request.headers, self.cfg.allowed_origins):
+            # A web page from elsewhere must not stream to (or hold the slots of) this daemon.
+            log.warning("origin_refused", path=path, peer=peer,
+                        origin=request.headers.get("Origin", "")[:200])
+            return connection.respond(HTTPStatus.FORBIDDEN, "this web origin may not use the daemon: add it "
+                                      "to allowed_origins\n")
         authorized = self._authorized(request)
         if path == STATUS_PATH and not authorized:
             # The page asks before the user has typed a token: say one is needed, and nothing
@@ -138,11 +166,9 @@ class Daemon:
             return self._json(connection, HTTPStatus.OK, {"auth_required": True})
         if not authorized:
             # Logged without the token or the query string.
-            log.warning("unauthorized", path=path, peer=str(connection.remote_address[0])
-                        if connection.remote_address else "")
+            log.warning("unauthorized", path=path, peer=peer)
             return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send it in "
                                       "the kyutai-api-key header, as Authorization: Bearer, or ?token=\n")
-        serving = self.state == "serving" and self.engine.alive
         if path == METRICS_PATH:
             return self._body(connection, self.metrics.render(), CONTENT_TYPE)
         if path == STATUS_PATH:
@@ -150,78 +176,81 @@ class Daemon:
         if path == READY_PATH:
             # Ready = would accept one more session now: a full daemon answers 503 too, so a load
             # balancer (deploy/haproxy.cfg) sends no session it would refuse with 1013.
-            free = self.engine.free_slots
-            ready = serving and free > 0
-            return self._json(connection, HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, {
-                "ready": ready, "state": self.state, "engine_alive": self.engine.alive,
-                "full": serving and free == 0,
-                "sessions": len(self.sessions),
-                "free_slots": free,
-                "model": self.cfg.model, "device": self.engine.device, "encoder": self.engine.encoder,
-            })
+            ready, body = self._ready()
+            return self._json(connection, HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, body)
         if path not in PROTOCOLS:
             return connection.respond(HTTPStatus.NOT_FOUND, f"unknown path {path}: stream audio to "
                                       f"{', '.join(PROTOCOLS)}\n")
-        if not serving:
+        if not self.serving:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"daemon is {self.state}\n")
         return None
 
-    # ---- sessions -----------------------------------------------------------------------------
+    # ---- WebSocket sessions -------------------------------------------------------------------
     async def handler(self, ws: ServerConnection) -> None:
-        assert self.engine.model is not None
-        session_id = f"{next(self._ids):05d}-{secrets.token_hex(3)}"
-        bound = log.bind(session_id=session_id, peer=str(ws.remote_address[0]) if ws.remote_address else "")
         model = self.engine.model
+        assert model is not None
+        path = urlsplit(ws.request.path).path  # type: ignore[union-attr]
+        session_id = self.gateway.new_id()
         info = SessionInfo(session_id, self.cfg.model, model.files.asr_delay_seconds,
                            model.asr_delay_steps, model.vad_heads, self.cfg.eot_head,
                            self.cfg.eot_threshold, self.cfg.vad_interval)
-        protocol = PROTOCOLS[urlsplit(ws.request.path).path](info)  # type: ignore[union-attr]
-        session = Session(ws, session_id, self.engine, self.encoders, protocol, self.stopping, self.metrics)
-        if not await self._admit(session_id, session):
-            self.refused += 1
-            self.metrics.sessions_refused.inc()
-            reason = f"server full: all {self.cfg.max_sessions} slots are busy, try again later"
-            bound.warning("session_refused", reason=reason)
-            await ws.close(Close.TRY_AGAIN, reason)
-            return
-        self.sessions[session_id] = session
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks[session_id] = task
-        self.metrics.sessions_open.inc()
-        self.metrics.sessions_opened.labels(endpoint=protocol.path).inc()
-        bound.info("session_opened", endpoint=protocol.path, sessions=len(self.sessions))
-        code, reason = int(Close.INTERNAL), "internal error"
-        try:
-            code, reason = await session.run()
-        except asyncio.CancelledError:
-            code, reason = int(Close.INTERNAL), "session cancelled"
-            raise
-        except Exception:
-            bound.exception("session_failed")
-            await ws.close(Close.INTERNAL, "internal error")
-        finally:
-            session.release()
-            self.sessions.pop(session_id, None)
-            self.tasks.pop(session_id, None)
-            self.metrics.sessions_open.dec()
-            self.metrics.sessions_closed.labels(code=str(int(code))).inc()
-            level = logging.INFO if code in (Close.NORMAL, Close.GOING_AWAY, 1000, 1001) else logging.WARNING
-            bound.log(level, "session_closed", code=int(code), reason=reason, **session.summary())
+        await serve_connection(self.gateway, ws, path, PROTOCOLS[path](info), session_id, self.metrics)
 
-    async def _admit(self, session_id: str, session: Session) -> bool:
-        """Take a slot, waiting a moment when all are taken: a slot whose client has just gone (a
-        phone reconnecting after a Wi-Fi switch) frees meanwhile, so a client is never refused by
-        its own ghost. False: still full (1013) or not serving."""
-        for _ in range(ADMISSION_POLLS):
-            if self.state != "serving":
-                return False
-            if self.engine.open_session(session_id, session.sink):
-                return True
-            await asyncio.sleep(ADMISSION_POLL_S)
-        return False
+    def _connection_class(self) -> type[ServerConnection]:
+        """websockets' connection, counted in the connection budget (past it: closed at once)."""
+        budget = self.budget
+
+        class CountedConnection(ServerConnection):
+            admission: str | None = None  # "ok", "health" (the reserve: health checks only), None
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                self.admission = budget.enter_main()
+                if self.admission is None:
+                                cast(asyncio.Transport, transport).abort()
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                if self.admission is not None:
+                    budget.main -= 1
+                    self.admission = None
+                super().connection_lost(exc)
+
+        return CountedConnection
 
     # ---- lifecycle ----------------------------------------------------------------------------
+    def _bind_all(self) -> list[tuple[str, socket.socket]]:
+        """Every port, bound now: one sentence and exit 2 for a port in use, before the model loads."""
+        bound: list[tuple[str, socket.socket]] = []
+        try:
+            for setting, port in (("port", self.cfg.port), ("http_port", self.cfg.http_port),
+                                  ("wyoming_port", self.cfg.wyoming_port)):
+                if setting == "port" or port:
+                    bound.append((setting, bind(self.cfg.host, port, setting)))
+        except UserError:
+            for _, sock in bound:
+                close_quietly(sock)
+            raise
+        return bound
+
+    async def _start_side_ports(self, sockets: dict[str, socket.socket]) -> None:
+        from .http_api import FileApi
+        from .wyoming_server import WyomingServer
+
+        if "http_port" in sockets:
+            self.file_api = FileApi(self.gateway, lambda h, q: token_ok(self.cfg.auth_tokens, h, q),
+                                    self.cfg.model, self.cfg.max_upload_bytes, self.cfg.max_upload_seconds,
+                                    self.cfg.allowed_origins, (self.cfg.eot_head, self.cfg.eot_threshold))
+            await self.file_api.setup()
+            self._side_servers.append(await serve_gated(self.file_api.protocol, sockets["http_port"],
+                                                        self.budget, "http_port", self.ssl_context))
+            self.http_port = int(sockets["http_port"].getsockname()[1])
+        if "wyoming_port" in sockets:
+            self.wyoming = WyomingServer(self.gateway, self.cfg.model, bool(self.cfg.auth_tokens),
+                                         self.cfg.wyoming_allow)
+            self._side_servers.append(await serve_gated(
+                self.wyoming.protocol_factory, sockets["wyoming_port"], self.budget, "wyoming_port"))
+            self.wyoming_port = int(sockets["wyoming_port"].getsockname()[1])
+
     async def _wait_engine_ready(self) -> LoadedModel:
         loop = asyncio.get_running_loop()
         while not await loop.run_in_executor(None, self.engine.ready.wait, 0.2):
@@ -238,39 +267,66 @@ class Daemon:
             await asyncio.sleep(0.5)
 
     async def run(self) -> int:
-        """Start, serve until a signal or an engine failure, drain, stop. Returns the exit code."""
+        """Bind, load, serve until a signal or an engine failure, drain, stop. The exit code."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         started = time.perf_counter()
-        self.engine.start()
+        self.ssl_context = self._ssl_context()
+        nofile = raise_nofile_limit()
+        self.budget = ConnectionBudget(self.cfg.max_connections, nofile)
+        self._log_settings_notes()
+        bound = self._bind_all()
+        sockets = dict(bound)
         try:
-            ssl_context = self._ssl_context()
-            model = await self._wait_engine_ready()
-            self.metrics.model_load_seconds.set(self.engine.load_seconds)
-            threads = 0
-            if self.engine.encoder == "rustymimi":  # otherwise the engine encodes in its batch
-                threads = self.cfg.encoder_threads or min(self.cfg.max_sessions, os.cpu_count() or 1)
-                self.encoders = EncoderPool(model.make_audio_tokenizer, self.cfg.max_sessions, threads)
-                try:
-                    await loop.run_in_executor(self.encoders.builder, self.encoders.preload)
-                except Exception as exc:  # rustymimi reports bad files with plain exceptions
-                    raise UserError(f"Mimi codec {model.files.mimi_path} cannot be loaded: {exc}") from None
-            async with serve(self.handler, self.cfg.host, self.cfg.port,
-                             process_request=self.process_request,
+            async with serve(self.handler, sock=sockets["port"], process_request=self.process_request,
                              max_size=self.cfg.max_message_bytes, max_queue=MAX_QUEUE,
-                             write_limit=WRITE_LIMIT, compression=None, ssl=ssl_context,
+                             write_limit=WRITE_LIMIT, compression=None, ssl=self.ssl_context,
+                             open_timeout=OPEN_TIMEOUT_S, create_connection=self._connection_class(),
                              logger=logging.getLogger("websockets")) as server:
-                self.port = int(server.sockets[0].getsockname()[1])
-                self.frontends = await start_frontends(self.cfg, self.port, ssl_context)
-                self._log_listening(model, threads, time.perf_counter() - started)
+                self.port = int(sockets["port"].getsockname()[1])
+                await self._start_side_ports(sockets)
+                self.engine.start()
+                loading = asyncio.ensure_future(self._wait_engine_ready())
+                stop = asyncio.ensure_future(self.stop_requested.wait())
+                await asyncio.wait({loading, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not loading.done():  # a signal while the model loads: nothing to drain
+                    loading.cancel()
+                    log.info("stopped", note="stopped while the model was loading")
+                    return 0
+                model = loading.result()
+                self.metrics.model_load_seconds.set(self.engine.load_seconds)
+                self.gateway.start()
                 self.state = "serving"
+                self.advert = await advertise(self.cfg, self.port, self._advertised_wyoming_port(),
+                                              self.ssl_context is not None)
+                self._log_listening(model, time.perf_counter() - started, nofile)
                 return await self._serve_until_stop(server)
         finally:
             self.engine.stop()
-            if self.encoders is not None:
-                self.encoders.shutdown()
+            for _, sock in bound:
+                close_quietly(sock)
             self.state = "stopped"
+
+    def _advertised_wyoming_port(self) -> int:
+        from .wyoming_server import advertised
+
+        if not self.wyoming_port:
+            return 0
+        if not advertised(bool(self.cfg.auth_tokens), self.cfg.wyoming_allow):
+            log.info("wyoming_not_advertised", note="auth_tokens is set and wyoming_allow is empty: nobody "
+                     "may use the Wyoming port, so Home Assistant is not offered it")
+            return 0
+        return self.wyoming_port
+
+    def _log_settings_notes(self) -> None:
+        for item in self.cfg.deprecated:
+            name = item.split(" ")[0]
+            log.warning("deprecated_setting", setting=item, note=f"ignored: {DEPRECATED[name]}; remove it")
+        warning = blas_warning()
+        if warning is not None:
+            log.warning("slow_blas", note=warning)
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         """TLS for wss:// when tls_cert and tls_key are set (both or neither)."""
@@ -289,7 +345,7 @@ class Daemon:
             raise UserError(f"cannot use tls_cert {cert} with tls_key {key}: {exc}") from None
         return context
 
-    def _log_listening(self, model: LoadedModel, threads: int, startup_s: float) -> None:
+    def _log_listening(self, model: LoadedModel, startup_s: float, nofile: int) -> None:
         host = self.cfg.host
         hosts = lan_addresses() if host in ("0.0.0.0", "::", "") else [host]
         ws, http = ("wss", "https") if self.cfg.tls_cert else ("ws", "http")
@@ -302,15 +358,28 @@ class Daemon:
         log.info("listening", host=host, port=self.port, urls=urls, model=model.files.source,
                  dtype=model.dtype, quantization=model.quantization, slots=self.cfg.max_sessions,
                  vad_heads=model.vad_heads, delay_s=model.files.asr_delay_seconds,
-                 device=self.engine.device, encoder=self.engine.encoder, encoder_threads=threads,
-                 encoder_memory=("~450 MB per active session (rustymimi)" if self.encoders is not None
-                                 else "shared by all sessions (batched MLX Mimi)"),
-                 engine=self.cfg.engine, http_port=self.frontends.http_port,
-                 wyoming_port=self.frontends.wyoming_port,
-                 startup_s=round(startup_s, 2))
+                 device=self.engine.device, encoder="mlx (batched in the engine's step)",
+                 blas=blas_description(), engine=self.cfg.engine, http_port=self.http_port,
+                 wyoming_port=self.wyoming_port, max_connections=self.budget.limit, nofile=nofile,
+                 idle_timeout=self.cfg.idle_timeout, startup_s=round(startup_s, 2))
         if model.files.synthetic:
             log.warning("synthetic_model", note="serving a synthetic model with random weights: "
                         "transcripts are meaningless; set 'model' to kyutai/stt-1b-en_fr-mlx")
+
+    async def _stop_listening(self, server: Server) -> None:
+        """Stop accepting on every port; open sessions carry on."""
+        server.close(close_connections=False)
+        for side in self._side_servers:
+            side.close()
+        if self.advert is not None:
+            await self.advert.close()
+            self.advert = None
+
+    async def _close_side_ports(self) -> None:
+        if self.wyoming is not None:
+            await self.wyoming.close_idle()
+        if self.file_api is not None:
+            await self.file_api.stop()
 
     async def _serve_until_stop(self, server: Server) -> int:
         stop = asyncio.ensure_future(self.stop_requested.wait())
@@ -320,34 +389,28 @@ class Daemon:
         watch.cancel()
         if not self.engine.alive:
             self.state = "failed"
-            log.error("engine_died", error=repr(self.engine.failed), sessions=len(self.sessions))
-            await self._cut_sessions(Close.INTERNAL, "inference engine stopped; try again later")
-            await self.frontends.stop()
+            log.error("engine_died", error=repr(self.engine.failed), sessions=len(self.gateway.sessions))
+            await self.gateway.stop()
+            await self.gateway.cut(1011, "inference engine stopped; try again later")
+            await self._stop_listening(server)
+            await self._close_side_ports()
             server.close()
             await server.wait_closed()
             return 1
         self.state = "draining"
-        server.close(close_connections=False)  # stop accepting; open sessions carry on
-        await self.frontends.stop()
-        self.stopping.set()
-        deadline = time.monotonic() + self.cfg.shutdown_timeout
-        while self.tasks and time.monotonic() < deadline:
-            await asyncio.wait(list(self.tasks.values()), timeout=deadline - time.monotonic())
-        if self.sessions:
-            log.warning("shutdown_deadline", sessions=list(self.sessions))
-        await self._cut_sessions(Close.GOING_AWAY, "server shutting down")
+        await self._stop_listening(server)
+        self.gateway.drain()
+        if self.wyoming is not None:  # Wyoming connections with no stream have nothing to finish
+            await self.wyoming.close_quiet()
+        if not await self.gateway.wait_closed(self.cfg.shutdown_timeout):
+            log.warning("shutdown_deadline", sessions=list(self.gateway.sessions))
+        await self.gateway.stop()
+        await self.gateway.cut(1001, "server shutting down")
+        await self._close_side_ports()
         server.close()
         await server.wait_closed()
-        log.info("stopped", refused=self.refused)
+        log.info("stopped", refused=self.gateway.refused)
         return 0
-
-    async def _cut_sessions(self, code: int, reason: str) -> None:
-        """Close every open session now and cancel its handler (it releases its slot)."""
-        for sid, session in list(self.sessions.items()):
-            await session.ws.close(code, reason)
-            task = self.tasks.get(sid)
-            if task is not None:
-                task.cancel()
 
 
 def serve_forever(cfg: Config) -> int:

@@ -1,44 +1,117 @@
-"""OpenAI's file transcription API, `POST /v1/audio/transcriptions`, on its own port (setting
-`http_port`): the websockets server answers GET only, so this is an aiohttp server beside it.
+"""OpenAI's file transcription API on its own port (`http_port`): `POST /v1/audio/transcriptions`,
+`GET /v1/models` and `/v1/models/{id}`; every other path or method gets OpenAI's JSON error.
 
-multipart fields: `file` (wav, flac, mp3, m4a, ogg, ...), `model` (accepted, the daemon serves
-its one model), `language`, `response_format` (json, text, verbose_json, srt, vtt),
-`timestamp_granularities[]` (word, segment). The decoded audio is a /v2 session of the daemon's
-own, fed as fast as the engine steps it, in the slots live sessions use: 503 with Retry-After
-when they are all taken, 413 past `max_upload_bytes`.
+multipart fields: `file` (wav, flac, mp3, m4a, ogg/opus, webm, aac, aiff, caf), `model` (accepted:
+the daemon serves its one model), `language` (en, fr or absent), `response_format` (json, text,
+verbose_json, srt, vtt), `timestamp_granularities[]` (word, segment), `stream` (true: Server-Sent
+Events `transcript.text.delta` as words are decoded, then `transcript.text.done`).
+
+A request is a gateway session like a live stream: the slot is taken before the body is read (503
+with Retry-After when every slot is busy), the body is read with a bound (`max_upload_bytes`: 413)
+and the idle timeout, the file is decoded a piece at a time into the session as fast as the engine
+steps it, up to `max_upload_seconds` (413), and a client that leaves frees the slot at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
-from collections.abc import Callable, Mapping
-from typing import Any
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
-from ..audio.files import decode_audio_file
+from ..audio.files import AudioFile
 from ..audio.pcm import BadAudio
+from ..engine.events import EndOfTurnProbs, Event, TextPiece, Word, WordEnd
 from ..logs import get_logger
 from ..model.loader import SAMPLE_RATE
-from .loopback import Busy, Endpoint, Transcript, transcribe
+from .codes import Close
+from .gateway import Gateway, Refused
+from .session import Ending, Session
 
 log = get_logger("http_api")
 
+FRONTEND = "files"
 FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+LANGUAGES = {"en": "english", "fr": "french"}
 # A segment of srt/vtt/verbose_json ends at an end of turn, or after this many words.
 SEGMENT_WORDS = 12
+# Largest text field of the form (model, language, ...).
+MAX_FIELD_BYTES = 4096
+# Multipart boundaries and headers around the file, on top of max_upload_bytes.
+MULTIPART_SLACK = 64 * 1024
+READ_CHUNK = 64 * 1024
+# Seconds an idle keep-alive connection stays open.
+KEEPALIVE_S = 10.0
+MODEL_CREATED = 1735689600  # 2025-01-01: Kyutai STT's public release, for /v1/models
+
+T = TypeVar("T")
 
 
-def _error(status: int, message: str, code: str, param: str | None = None,
+class Stop(Exception):
+    """Ends a request with an OpenAI-shaped error."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error(status: int, message: str, code: str | None, param: str | None = None,
            headers: Mapping[str, str] | None = None) -> web.Response:
     """An error as OpenAI's API writes it."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                             status=status, headers=headers)
+    return web.json_response(error_body(status, message, code, param), status=status, headers=headers)
 
 
-def segments(t: Transcript) -> list[dict[str, Any]]:
+@dataclass
+class FileTranscript:
+    """What the session decoded: the listener of a file's session."""
+
+    pieces: list[str] = field(default_factory=list)
+    words: list[dict[str, Any]] = field(default_factory=list)  # {"word", "start", "end"}
+    turns: list[int] = field(default_factory=list)  # index into words where each turn ended
+    deltas: asyncio.Queue[str | None] | None = None  # streamed text (stream=true)
+    eot_head: int = 1
+    eot_threshold: float = 0.5
+    spoken: bool = False  # a piece with text came (the first one loses its leading space)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces).strip()
+
+    def on_step(self, events: list[Event], step: int, buffered: int) -> bool:
+        for event in events:
+            if isinstance(event, TextPiece):
+                delta = event.text if self.spoken else event.text.lstrip()
+                self.pieces.append(event.text)
+                if delta:
+                    self.spoken = True
+                    if self.deltas is not None:
+                        self.deltas.put_nowait(delta)
+            elif isinstance(event, Word):
+                self.words.append({"word": event.text, "start": round(event.start_time, 3),
+                                   "end": round(event.start_time, 3)})
+            elif isinstance(event, WordEnd) and self.words:
+                self.words[-1]["end"] = round(event.stop_time, 3)
+            elif isinstance(event, EndOfTurnProbs):
+                head = self.eot_head
+                if (head < len(event.probs) and event.probs[head] >= self.eot_threshold
+                        and self.words and (not self.turns or self.turns[-1] < len(self.words))):
+                    self.turns.append(len(self.words))
+        return False
+
+    def on_marker(self, marker_id: int) -> None:
+        pass
+
+
+def segments(t: FileTranscript) -> list[dict[str, Any]]:
     """Words grouped into segments: split at each end of turn and every SEGMENT_WORDS words."""
     out: list[list[dict[str, Any]]] = []
     bounds = set(t.turns)
@@ -61,7 +134,7 @@ def _clock(seconds: float, separator: str) -> str:
     return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{separator}{ms % 1000:03d}"
 
 
-def subtitles(t: Transcript, kind: str) -> str:
+def subtitles(t: FileTranscript, kind: str) -> str:
     lines = ["WEBVTT", ""] if kind == "vtt" else []
     for segment in segments(t):
         if kind == "srt":
@@ -71,73 +144,316 @@ def subtitles(t: Transcript, kind: str) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+@dataclass
+class Form:
+    """The multipart request, read."""
+
+    data: bytes = b""
+    filename: str = ""
+    fields: dict[str, list[str]] = field(default_factory=dict)
+
+    def get(self, name: str, default: str = "") -> str:
+        values = self.fields.get(name)
+        return values[-1] if values else default
+
+
 class FileApi:
-    """The aiohttp application and its listener."""
+    """The aiohttp application; its listener is started by the daemon on a bound socket."""
 
-    def __init__(self, endpoint: Endpoint, authorized: Callable[[Mapping[str, str], str], bool],
-                 max_upload_bytes: int) -> None:
-        self.endpoint = endpoint
-        self.authorized = authorized  # (headers, query string) -> bool, the daemon's token check
+    def __init__(self, gateway: Gateway, authorized: Callable[[Mapping[str, str], str], bool], model: str,
+                 max_upload_bytes: int, max_upload_seconds: float, allowed_origins: tuple[str, ...] = (),
+                 eot: tuple[int, float] = (1, 0.5)) -> None:
+        """Args:
+            gateway: the daemon's gateway (slots).
+            authorized: (headers, query string) -> bool, the daemon's token check.
+            model: the model setting (listed by /v1/models).
+            max_upload_bytes: largest file (413 above).
+            max_upload_seconds: longest decoded audio (413 above).
+            allowed_origins: web origins that may call the API from a browser (CORS); "*" = any.
+            eot: (head, threshold) of the end-of-turn heads, for segment breaks.
+        """
+        self.gateway = gateway
+        self.authorized = authorized
+        self.model = model
         self.max_upload_bytes = max_upload_bytes
-        self.app = web.Application(client_max_size=max_upload_bytes)
+        self.max_upload_seconds = max_upload_seconds
+        self.allowed_origins = allowed_origins
+        self.eot = eot
+        self.app = web.Application(middlewares=[self._errors_and_cors])
         self.app.router.add_post("/v1/audio/transcriptions", self.transcriptions)
-        self.runner: web.AppRunner | None = None
-        self.port = 0
+        self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_get("/v1/models/{model:.+}", self.model_info)
+        self.app.router.add_route("OPTIONS", "/{tail:.*}", self.preflight)
+        # Cancel a request's handler when its client disconnects: the slot is freed at once.
+        self.runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
+                                    keepalive_timeout=KEEPALIVE_S)
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
-        self.runner = web.AppRunner(self.app, access_log=None)
+    async def setup(self) -> None:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, ssl_context=ssl_context)
-        await site.start()
-        self.port = int(self.runner.addresses[0][1])
+
+    def protocol(self) -> Any:
+        """A new connection's protocol (the daemon wraps it in its connection budget)."""
+        assert self.runner.server is not None
+        return self.runner.server()
 
     async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+        await self.runner.cleanup()
 
-    async def transcriptions(self, request: web.Request) -> web.StreamResponse:
-        if not self.authorized(request.headers, request.query_string):
-            return _error(401, "missing or wrong token: send it as Authorization: Bearer", "invalid_api_key")
+    # ---- around every request -----------------------------------------------------------------
+    def _cors_origin(self, request: web.Request) -> str | None:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return None
+        if "*" in self.allowed_origins:
+            return "*"
+        return origin if origin in self.allowed_origins else None
+
+    @web.middleware
+    async def _errors_and_cors(self, request: web.Request,
+                               handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                               ) -> web.StreamResponse:
         try:
-            form = await request.post()
-        except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"the upload is larger than max_upload_bytes ({self.max_upload_bytes} bytes)",
-                          "file_too_large", "file")
-        upload = form.get("file")
-        if not isinstance(upload, web.FileField):
-            return _error(400, "a multipart field 'file' with the audio is required", "missing_file", "file")
-        response_format = str(form.get("response_format", "json"))
+            response = await handler(request)
+        except web.HTTPNotFound:
+            response = _error(404, f"Invalid URL ({request.method} {request.path})", None)
+        except web.HTTPMethodNotAllowed:
+            response = _error(405, f"Invalid method for URL ({request.method} {request.path})", None)
+        origin = self._cors_origin(request)
+        if origin is not None and not response.prepared:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        return response
+
+    async def preflight(self, request: web.Request) -> web.StreamResponse:
+        if self._cors_origin(request) is None:
+            return _error(403, "this origin is not in allowed_origins", "origin_not_allowed")
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, OpenAI-Organization, "
+                                            "OpenAI-Project, X-Stainless-Lang, kyutai-api-key",
+            "Access-Control-Max-Age": "600"})
+
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        if self.authorized(request.headers, request.query_string):
+            return None
+        log.warning("unauthorized", path=request.path, peer=request.remote or "")
+        return _error(401, "missing or wrong token: send it as Authorization: Bearer", "invalid_api_key")
+
+    # ---- models -------------------------------------------------------------------------------
+    def _model(self) -> dict[str, Any]:
+        return {"id": self.model, "object": "model", "created": MODEL_CREATED, "owned_by": "kyutai"}
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        return self._unauthorized(request) or web.json_response({"object": "list", "data": [self._model()]})
+
+    async def model_info(self, request: web.Request) -> web.StreamResponse:
+        refused = self._unauthorized(request)
+        if refused is not None:
+            return refused
+        if request.match_info["model"] != self.model:
+            return _error(404, f"The model '{request.match_info['model']}' does not exist; this server "
+                               f"serves '{self.model}'", "model_not_found", "model")
+        return web.json_response(self._model())
+
+    # ---- transcriptions -----------------------------------------------------------------------
+    async def transcriptions(self, request: web.Request) -> web.StreamResponse:
+        refused = self._unauthorized(request)
+        if refused is not None:
+            return refused
+        declared = request.content_length
+        if declared is not None and declared > self.max_upload_bytes + MULTIPART_SLACK:
+            return self._too_big()
+        transcript = FileTranscript(eot_head=self.eot[0], eot_threshold=self.eot[1])
+        try:
+            session = await self.gateway.open(FRONTEND, request.remote or "", transcript)
+        except Refused as exc:
+            return _error(503, f"{exc}", "server_busy" if exc.busy else "server_unavailable",
+                          headers={"Retry-After": "1"})
+        try:
+            response = await self._transcribe(request, session, transcript)
+            session.ending = session.ending or Ending(Close.NORMAL, "transcribed")
+            return response
+        except Stop as stop:
+            session.ending = Ending(Close.BAD_PAYLOAD, stop.message, stop.code)
+            return _error(stop.status, stop.message, stop.code, stop.param)
+        except asyncio.CancelledError:
+            session.ending = session.ending or Ending(1006, "client disconnected")
+            raise
+        finally:
+            self.gateway.close(session)
+
+    def _too_big(self) -> web.Response:
+        return _error(413, f"the upload is larger than max_upload_bytes ({self.max_upload_bytes} bytes)",
+                      "file_too_large", "file")
+
+    async def _race(self, session: Session, work: Awaitable[T]) -> T:
+        """`work`, unless the session is interrupted first (idle client, daemon draining)."""
+        task = asyncio.ensure_future(work)
+        interrupted = asyncio.ensure_future(session.interrupted.wait())
+        try:
+            await asyncio.wait({task, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupted.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        ending = session.interruption
+        assert ending is not None
+        if ending.error == "idle":
+            raise Stop(408, ending.reason, "idle")
+        raise Stop(503, "the server is shutting down; try again shortly", "server_unavailable")
+
+    async def _read_form(self, request: web.Request, session: Session) -> Form:
+        """The multipart body, bounded: the file up to max_upload_bytes, fields up to MAX_FIELD_BYTES."""
+        form = Form()
+        try:
+            reader = await request.multipart()
+        except (AssertionError, ValueError, KeyError):
+            raise Stop(400, "send the audio as multipart/form-data with a 'file' field", "invalid_request",
+                       "file") from None
+        while True:
+            part = await self._race(session, reader.next())
+            if part is None:
+                return form
+            if not isinstance(part, BodyPartReader):
+                raise Stop(400, "nested multipart bodies are not accepted", "invalid_request")
+            name = part.name or ""
+            bound = self.max_upload_bytes if name == "file" else MAX_FIELD_BYTES
+            chunks: list[bytes] = []
+            size = 0
+            while chunk := await self._race(session, part.read_chunk(READ_CHUNK)):
+                session.heard()
+                size += len(chunk)
+                if size > bound:
+                    if name == "file":
+                        raise Stop(413, f"the upload is larger than max_upload_bytes "
+                                        f"({self.max_upload_bytes} bytes)", "file_too_large", "file")
+                    raise Stop(400, f"form field '{name}' is longer than {MAX_FIELD_BYTES} bytes",
+                               "invalid_value", name)
+                chunks.append(chunk)
+            body = b"".join(chunks)
+            if name == "file":
+                form.data, form.filename = body, part.filename or "audio"
+            else:
+                try:
+                    form.fields.setdefault(name, []).append(body.decode())
+                except UnicodeDecodeError:
+                    raise Stop(400, f"form field '{name}' is not UTF-8 text", "invalid_value", name) from None
+
+    async def _transcribe(self, request: web.Request, session: Session,
+                          transcript: FileTranscript) -> web.StreamResponse:
+        form = await self._read_form(request, session)
+        if not form.data and "file" not in form.fields:
+            raise Stop(400, "a multipart field 'file' with the audio is required", "missing_file", "file")
+        response_format = form.get("response_format", "json")
         if response_format not in FORMATS:
-            return _error(400, f"response_format must be one of {', '.join(FORMATS)}", "invalid_value",
-                          "response_format")
-        granularities = [str(g) for g in form.getall("timestamp_granularities[]", [])]
-        language = str(form.get("language") or "") or None
-        data = upload.file.read()
+            raise Stop(400, f"response_format must be one of {', '.join(FORMATS)}", "invalid_value",
+                       "response_format")
+        language = form.get("language") or None
+        if language is not None and language not in LANGUAGES:
+            raise Stop(400, f"language '{language}' is not supported: this model transcribes "
+                            f"{' and '.join(LANGUAGES)} (or leave it out)", "unsupported_language",
+                       "language")
+        stream = form.get("stream", "false").lower() == "true"
+        if stream and response_format not in ("json", "text"):
+            raise Stop(400, "stream=true answers Server-Sent Events: response_format must be json or text",
+                       "invalid_value", "stream")
+        granularities = form.fields.get("timestamp_granularities[]", [])
         loop = asyncio.get_running_loop()
         try:
-            samples = await loop.run_in_executor(None, decode_audio_file, data)
+            audio = await loop.run_in_executor(None, AudioFile, form.data)
         except BadAudio as exc:
-            return _error(400, f"{upload.filename}: {exc}", "invalid_file", "file")
+            raise Stop(400, f"{form.filename}: {exc}", "invalid_file", "file") from None
         try:
-            result = await transcribe(self.endpoint, samples)
-        except Busy:
-            return _error(503, "every slot is busy; try again shortly", "server_busy",
-                          headers={"Retry-After": "1"})
-        except (ConnectionError, OSError) as exc:
-            log.error("file_transcription_failed", error=str(exc))
-            return _error(500, f"transcription failed: {exc}", "server_error")
-        log.info("file_transcribed", filename=upload.filename, audio_s=round(len(samples) / SAMPLE_RATE, 2),
-                 format=response_format, words=len(result.words))
+            if audio.claimed_seconds is not None and audio.claimed_seconds > self.max_upload_seconds + 1:
+                raise Stop(413, f"{form.filename}: {audio.claimed_seconds:.0f} s of audio is longer than "
+                                f"max_upload_seconds ({self.max_upload_seconds:g} s)", "audio_too_long",
+                           "file")
+            if stream:
+                return await self._stream(request, session, transcript, audio, form.filename)
+            started = time.perf_counter()
+            partial = await self._feed(session, audio, form.filename)
+        finally:
+            audio.close()
+        seconds = audio.samples_out / SAMPLE_RATE
+        log.bind(session_id=session.id).info(
+            "file_transcribed", filename=form.filename, audio_s=round(seconds, 2), format=response_format,
+            words=len(transcript.words), seconds=round(time.perf_counter() - started, 2), partial=partial)
+        headers = {"X-Pinguin-Partial": partial} if partial else None
+        return self._respond(transcript, response_format, language, granularities, seconds, headers)
+
+    async def _feed(self, session: Session, audio: AudioFile, filename: str) -> str:
+        """Decode the file into the session, then flush; "" or why the transcript stops early."""
+        loop = asyncio.get_running_loop()
+        limit = int(self.max_upload_seconds * SAMPLE_RATE)
+        partial = ""
+        while not audio.done:
+            if session.interrupted.is_set():  # the daemon is draining: what was heard, now
+                partial = "server shutting down"
+                break
+            try:
+                piece = await loop.run_in_executor(None, audio.next_piece, limit)
+            except BadAudio as exc:
+                raise Stop(400, f"{filename}: {exc}", "invalid_file", "file") from None
+            if audio.samples_out > limit:
+                raise Stop(413, f"{filename}: the audio is longer than max_upload_seconds "
+                                f"({self.max_upload_seconds:g} s)", "audio_too_long", "file")
+            session.heard()
+            await session.feed(piece)
+        await session.flush()
+        return partial
+
+    def _respond(self, t: FileTranscript, response_format: str, language: str | None,
+                 granularities: list[str], seconds: float,
+                 headers: Mapping[str, str] | None) -> web.StreamResponse:
+        usage = {"type": "duration", "seconds": round(seconds, 3)}
         if response_format == "text":
-            return web.Response(text=result.text + "\n", content_type="text/plain")
+            return web.Response(text=t.text + "\n", content_type="text/plain", headers=headers)
         if response_format in ("srt", "vtt"):
             kind = "text/vtt" if response_format == "vtt" else "application/x-subrip"
-            return web.Response(text=subtitles(result, response_format), content_type=kind)
+            return web.Response(text=subtitles(t, response_format), content_type=kind, headers=headers)
         if response_format == "json":
-            return web.json_response({"text": result.text})
-        body: dict[str, Any] = {"task": "transcribe", "language": language or "en",
-                                "duration": round(len(samples) / SAMPLE_RATE, 3), "text": result.text,
-                                "segments": segments(result)}
+            return web.json_response({"text": t.text, "usage": usage}, headers=headers)
+        body: dict[str, Any] = {"task": "transcribe", "language": LANGUAGES.get(language or "", "unknown"),
+                                "duration": round(seconds, 3), "text": t.text,
+                                "segments": segments(t), "usage": usage}
         if "word" in granularities:
-            body["words"] = result.words
-        return web.json_response(body)
+            body["words"] = t.words
+        return web.json_response(body, headers=headers)
+
+    async def _stream(self, request: web.Request, session: Session, transcript: FileTranscript,
+                      audio: AudioFile, filename: str) -> web.StreamResponse:
+        """Server-Sent Events: a delta per piece of text as it is decoded, then the whole text."""
+        deltas: asyncio.Queue[str | None] = asyncio.Queue()
+        transcript.deltas = deltas
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        origin = self._cors_origin(request)
+        if origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+        await response.prepare(request)
+
+        async def send(event: dict[str, Any]) -> None:
+            await response.write(f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
+
+        async def forward() -> None:
+            while (delta := await deltas.get()) is not None:
+                await send({"type": "transcript.text.delta", "delta": delta})
+
+        forwarder = asyncio.create_task(forward())
+        try:
+            await self._feed(session, audio, filename)
+            deltas.put_nowait(None)
+            await forwarder
+            seconds = audio.samples_out / SAMPLE_RATE
+            await send({"type": "transcript.text.done", "text": transcript.text,
+                        "usage": {"type": "duration", "seconds": round(seconds, 3)}})
+        except Stop as stop:  # the status line is gone: the error is an event (the SDK raises it)
+            forwarder.cancel()
+            session.ending = Ending(Close.BAD_PAYLOAD, stop.message, stop.code)
+            await send({"type": "error", **error_body(stop.status, stop.message, stop.code, stop.param)})
+        finally:
+            forwarder.cancel()
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response

@@ -1,0 +1,259 @@
+"""The WebSocket front end (/ws, /v2, /api/asr-streaming, /v1/realtime on the main port): the
+socket's I/O, flow control towards the client and close codes. What the messages mean is the
+path's wire protocol (protocols/); the stream itself is a gateway session like any other."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from ..engine.events import Event
+from ..logs import get_logger
+from .codes import Close
+from .gateway import Gateway, Refused
+from .metrics import Metrics
+from .protocols import AudioIn, FinishIn, FlushIn, MarkerIn, Protocol, Reject, Reply, clip_reason
+from .session import MAX_MARKERS, Ending, Session
+
+# Output waiting for a client (the outbox plus websockets' write buffer, i.e. what the kernel did
+# not take): past this bound, with nothing drained for UNREAD_GRACE_S, the client is not reading
+# and is closed with 1008. A client that reads, however large one message, is never closed.
+MAX_UNREAD_BYTES = 64 * 1024
+UNREAD_GRACE_S = 2.0
+# How often the reader watchdog looks at the write buffer.
+READER_CHECK_S = 0.1
+# How long the protocol's closing messages may take to leave before the close frame goes anyway.
+CLOSING_SEND_S = 5.0
+
+log = get_logger("websocket")
+
+
+def peer_of(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return str(address[0]) if address else ""
+
+
+class WsStream:
+    """One WebSocket connection's side of a session: its protocol, the outbox, the socket."""
+
+    def __init__(self, ws: ServerConnection, protocol: Protocol, metrics: Metrics | None = None) -> None:
+        self.ws = ws
+        self.protocol = protocol
+        self.metrics = metrics
+        self.session: Session | None = None  # set by run()
+        self.outbox: list[Any] = []  # protocol items waiting for the socket
+        self.unsent_bytes = 0  # size of what waits in the outbox (the serialized items, roughly)
+        self.bytes_sent = 0  # payload bytes handed to websockets (the watchdog sees them drain)
+        self.outbox_ready = asyncio.Event()
+        self.sent_messages = 0
+
+    # ---- Listener (the session's events) -----------------------------------------------------
+    def on_step(self, events: list[Event], step: int, buffered: int) -> bool:
+        items = self.protocol.render(events, step, buffered)
+        self._queue(items)
+        return bool(items)
+
+    def on_marker(self, marker_id: int) -> None:
+        self._queue(self.protocol.marker(marker_id))
+
+    def _queue(self, items: list[Any]) -> None:
+        if not items:
+            return
+        self.outbox.extend(items)
+        self.unsent_bytes += sum(len(str(i)) for i in items)
+        self.outbox_ready.set()
+
+    # ---- the connection -----------------------------------------------------------------------
+    async def run(self, session: Session) -> Ending:
+        """Serve the connection until it ends; the slot is free and the socket closed on return.
+
+        Three things end it, whichever comes first: the receive side (end of audio, a bad
+        message, the daemon draining, the idle timeout), the socket going away (the client left:
+        its slot is released at once, whatever the session was waiting for), or the watchdog
+        finding that the client has stopped reading (1008)."""
+        self.session = session
+        self._queue(self.protocol.opening())
+        sender = asyncio.create_task(self._send_loop())
+        try:
+            ending = await self._serve(session)
+        finally:
+            sender.cancel()  # also when the daemon cancels the session
+        session.extra["messages_out"] = self.sent_messages
+        try:
+            await self.ws.close(ending.code, clip_reason(ending.reason))
+        except ConnectionClosed:
+            pass
+        return ending
+
+    async def _serve(self, session: Session) -> Ending:
+        """Run until the session ends, free the slot, send the protocol's closing messages."""
+        receiver = asyncio.create_task(self._receive_loop(session))
+        watchdog = asyncio.create_task(self._watch_reader())
+        gone = asyncio.create_task(self.ws.wait_closed())
+        tasks = (receiver, watchdog, gone)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        not_reading = False
+        if receiver.done() and not receiver.cancelled() and receiver.exception() is None:
+            ending = receiver.result()
+        elif watchdog.done() and not watchdog.cancelled():
+            not_reading = True
+            ending = Ending(Close.POLICY, f"client is not reading: over {MAX_UNREAD_BYTES} bytes of "
+                                          f"output unread for {UNREAD_GRACE_S:g} s")
+            log.bind(session_id=session.id).warning(
+                "client_not_reading", unsent_bytes=self.unsent_bytes + self._write_buffer())
+        elif gone.done() and not gone.cancelled():
+            ending = Ending(self.ws.close_code or 1006, self.ws.close_reason or "connection lost")
+        else:
+            receiver.result()  # the receive side failed: the handler logs it and closes with 1011
+            raise AssertionError("unreachable")
+        session.release()  # the slot is free before the closing handshake, however long that takes
+        client_gone = ending.code in (1005, 1006) or ending.code >= 4000
+        if not client_gone and not not_reading:  # a client that does not read gets no more
+            try:  # error / closing messages of the protocol, then the close frame
+                self.outbox.extend(self.protocol.closing(ending.code, ending.reason, ending.error))
+                await asyncio.wait_for(self._send_pending(), timeout=CLOSING_SEND_S)
+            except (ConnectionClosed, TimeoutError):
+                pass
+        return ending
+
+    async def _receive_loop(self, session: Session) -> Ending:
+        interrupted = asyncio.ensure_future(session.interrupted.wait())
+        recv: asyncio.Future[str | bytes] | None = None
+        try:
+            while True:
+                recv = asyncio.ensure_future(self.ws.recv())
+                done, _ = await asyncio.wait({recv, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+                if recv in done:
+                    try:
+                        message = recv.result()
+                    except ConnectionClosed as exc:
+                        rcvd = exc.rcvd
+                        return Ending(rcvd.code, rcvd.reason) if rcvd else Ending(1006, "connection lost")
+                    session.heard()
+                    if self.metrics is not None:
+                        self.metrics.messages_in.inc()
+                    ended = await self._handle(session, message, time.perf_counter())
+                    if ended is not None:
+                        return ended
+                else:
+                    recv.cancel()  # websockets' recv() is cancellation-safe: nothing is lost
+                # Checked after a received message is handled: what arrived is transcribed.
+                if session.interrupted.is_set():
+                    return await self._interrupted(session)
+        finally:
+            interrupted.cancel()
+            if recv is not None:
+                if not recv.done():
+                    recv.cancel()  # the session is cancelled (the client left, or the daemon cuts it)
+                elif not recv.cancelled():
+                    recv.exception()  # retrieved: a close that raced the cancellation is expected
+
+    async def _interrupted(self, session: Session) -> Ending:
+        ending = session.interruption
+        assert ending is not None
+        if ending.code == Close.GOING_AWAY:
+            await session.flush(self.protocol.drain())
+            # Say exactly how much audio the transcript covers, so the client can resend the rest.
+            return Ending(Close.GOING_AWAY, f"server shutting down; transcribed the first "
+                                            f"{session.samples_in} samples")
+        return ending
+
+    async def _handle(self, session: Session, message: str | bytes, arrived: float) -> Ending | None:
+        """Apply one client message (arrived at `arrived`, perf_counter); an Ending when the
+        session must end."""
+        for command in self.protocol.commands(message):
+            if isinstance(command, AudioIn):
+                await session.feed(command.samples, arrived)
+            elif isinstance(command, FlushIn):
+                await session.flush(self.protocol.drain())
+                self._queue(self.protocol.flushed(command.id))
+            elif isinstance(command, FinishIn):
+                await session.flush(self.protocol.drain())
+                return Ending(Close.NORMAL, "end of audio: transcript complete")
+            elif isinstance(command, MarkerIn):
+                if not session.mark(command.id):
+                    return Ending(Close.POLICY, f"too many markers: {MAX_MARKERS} wait for their audio "
+                                                "to be transcribed", "too_many_markers")
+            elif isinstance(command, Reply):
+                self._queue(command.items)
+            elif isinstance(command, Reject):
+                return Ending(command.code, command.reason, command.error)
+        return None
+
+    def _write_buffer(self) -> int:
+        """Bytes websockets has written to the transport that the kernel has not taken yet."""
+        transport = getattr(self.ws, "transport", None)
+        return int(transport.get_write_buffer_size()) if transport is not None else 0
+
+    async def _watch_reader(self) -> None:
+        """Returns when the client has stopped reading: more than MAX_UNREAD_BYTES wait for it
+        (outbox + write buffer) and none of it has drained for UNREAD_GRACE_S."""
+        calm = time.monotonic()  # last time the output was under the bound or drained
+        drained_most = 0
+        while True:
+            await asyncio.sleep(READER_CHECK_S)
+            buffered = self._write_buffer()
+            drained = self.bytes_sent - buffered
+            now = time.monotonic()
+            if self.unsent_bytes + buffered <= MAX_UNREAD_BYTES or drained > drained_most:
+                calm = now
+            drained_most = max(drained_most, drained)
+            if now - calm >= UNREAD_GRACE_S:
+                return
+
+    async def _send_pending(self) -> None:
+        if not self.outbox:
+            return
+        items = self.outbox[:]  # a slow reader gets text merged, never dropped
+        self.outbox.clear()
+        self.unsent_bytes = 0
+        self.outbox_ready.clear()
+        for message in self.protocol.wire(items):
+            self.bytes_sent += len(message)
+            await self.ws.send(message)
+            self.sent_messages += 1
+            if self.metrics is not None:
+                self.metrics.messages_out.inc()
+        if self.session is not None:
+            self.session.output_sent()
+
+    async def _send_loop(self) -> None:
+        """Writes output as it comes; while a send waits on a slow client, items pile up and
+        text is merged into the next message."""
+        while True:
+            await self.outbox_ready.wait()
+            try:
+                await self._send_pending()
+            except ConnectionClosed:
+                return  # the receive side reports the close
+
+
+async def serve_connection(gateway: Gateway, ws: ServerConnection, path: str, protocol: Protocol,
+                           session_id: str, metrics: Metrics | None) -> None:
+    """The handler of one accepted WebSocket: admission, then the stream until it ends."""
+    stream = WsStream(ws, protocol, metrics)
+    try:
+        session = await gateway.open(path, peer_of(ws), stream, session_id)
+    except Refused as exc:
+        await ws.close(Close.TRY_AGAIN, clip_reason(str(exc)))
+        return
+    session.closer = ws.close
+    ending = Ending(Close.INTERNAL, "internal error")
+    try:
+        ending = await stream.run(session)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.bind(session_id=session.id, peer=session.peer, frontend=path).exception("session_failed")
+        await ws.close(Close.INTERNAL, "internal error")
+    finally:
+        gateway.close(session, ending)
