@@ -156,18 +156,20 @@ def test_a_client_that_reads_is_never_closed_for_a_large_message(
 
 
 def test_sequential_reconnects_are_never_refused_by_their_own_ghost(synthetic_dir: Path) -> None:
-    """A phone that drops and reconnects (Wi-Fi switch), again and again, one at a time: every
-    connection is admitted, with two slots."""
+    """A client that drops and reconnects (Wi-Fi switch), again and again, one at a time: every
+    connection is admitted, with two slots. (On an endpoint without resumption: a dropped /v2
+    session keeps its slot for resume_grace, tests/test_resume.py.)"""
     proc = DaemonProcess("--model", str(synthetic_dir), "--dtype", "f32", "--max-sessions", "2")
     try:
         async def one_visit() -> str:
-            ws = await connect(f"ws://127.0.0.1:{proc.port}/v2")
+            ws = await connect(f"ws://127.0.0.1:{proc.port}/api/asr-streaming")
             try:
-                first = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                first = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30))
             except ConnectionClosed:
                 return f"refused {ws.close_code} {ws.close_reason}"
             for _ in range(3):  # 0.3 s of audio
-                await ws.send(np.random.default_rng(0).normal(0, 0.1, 2400).astype("<f4").tobytes())
+                pcm = np.random.default_rng(0).normal(0, 0.1, 2400).astype(np.float32).tolist()
+                await ws.send(msgpack.packb({"type": "Audio", "pcm": pcm}))
             ws.transport.abort()  # gone, without a close frame
             return str(first["type"])
 
@@ -175,7 +177,7 @@ def test_sequential_reconnects_are_never_refused_by_their_own_ghost(synthetic_di
             return [await one_visit() for _ in range(n)]
 
         outcomes = asyncio.run(visits(40))
-        assert outcomes == ["ready"] * 40
+        assert outcomes == ["Ready"] * 40
         assert not proc.events("session_refused")
     finally:
         proc.stop()
@@ -183,14 +185,14 @@ def test_sequential_reconnects_are_never_refused_by_their_own_ghost(synthetic_di
 
 def test_abrupt_disconnects_free_every_slot_within_a_second(daemon: DaemonProcess) -> None:
     async def scenario() -> float:
-        sockets = [await connect(ws_url(daemon, "/v2")) for _ in range(SLOTS)]
+        sockets = [await connect(ws_url(daemon, "/api/asr-streaming")) for _ in range(SLOTS)]
         for ws in sockets:
-            assert json.loads(await ws.recv())["type"] == "ready"
+            assert msgpack.unpackb(await ws.recv())["type"] == "Ready"
         status, body = http_get(daemon.port, "/readyz")
         assert json.loads(body)["free_slots"] == 0
         for ws in sockets:
             for _ in range(4):
-                await ws.send(np.zeros(2400, "<f4").tobytes())
+                await ws.send(msgpack.packb({"type": "Audio", "pcm": [0.0] * 2400}))
         await asyncio.sleep(0.2)  # mid-stream: frames are being encoded and stepped
         for ws in sockets:
             ws.transport.abort()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import msgpack
@@ -19,6 +20,7 @@ from pinguin_daemon.server.protocols import (
     Reply,
     SessionInfo,
     V2Protocol,
+    v2,
 )
 
 INFO = SessionInfo("sid", "synthetic", 0.5, 6, 4, 1, 0.5, 0)
@@ -64,13 +66,33 @@ def test_v2_renders_words_and_one_end_of_turn_per_turn() -> None:
     assert proto.render([high], 20, 0) == []  # no word yet: nothing has ended
     out = proto.render([TextPiece(" hi", 5, 21), Word("hi", (5,), 0.4), WordEnd(0.8), high], 21, 0)
     assert [m["type"] for m in out] == ["text", "word", "word_end", "end_of_turn"]
-    assert out[1] == {"type": "word", "text": "hi", "start": 0.4}
+    assert out[1] == {"type": "word", "text": "hi", "start": 0.4, "seq": 2}
+    assert [m["seq"] for m in out] == [1, 2, 3, 4]  # every transcript or state event is numbered
     assert out[3]["head"] == 1 and out[3]["probability"] == 0.9 and out[3]["time"] == (20 - 6) / 12.5
     assert proto.render([high], 22, 0) == []  # once per turn
-    merged = proto.wire([{"type": "text", "text": " a"}, {"type": "text", "text": "b"},
-                         {"type": "word", "text": "ab", "start": 0.0}])
-    assert [json.loads(m) for m in merged] == [{"type": "text", "text": " ab"},
-                                               {"type": "word", "text": "ab", "start": 0.0}]
+    assert proto.flushed("f") == [{"type": "flushed", "id": "f", "seq": 5}]
+    # Each numbered event is its own message (merging would skip numbers).
+    sent = proto.wire([{"type": "text", "text": " a", "seq": 6}, {"type": "text", "text": "b", "seq": 7}])
+    assert [json.loads(m)["seq"] for m in sent] == [6, 7]
+
+
+def test_v2_keeps_events_for_a_resume_and_says_when_it_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
+    proto = V2Protocol(dataclasses.replace(INFO, resume_token="secret", resume_keep_s=60))
+    assert proto.opening()[0]["resume_token"] == "secret"
+    for step in range(1, 6):
+        proto.render([TextPiece(f" w{step}", 5, step)], step, 0)
+    [audio] = proto.parse(np.zeros(480, "<f4").tobytes())
+    assert isinstance(audio, AudioIn)
+    assert [m["text"] for m in proto.replay(2) or []] == [" w3", " w4", " w5"]
+    assert proto.replay(5) == []
+    assert proto.resumed()["samples"] == 480 and proto.resumed()["last_seq"] == 5
+    monkeypatch.setattr(v2, "MAX_REPLAY", 2)  # bounded: the oldest events go first
+    forgetful = V2Protocol(dataclasses.replace(INFO, resume_token="s", resume_keep_s=60))
+    for step in range(1, 4):
+        forgetful.render([TextPiece(f" x{step}", 5, step)], step, 0)
+    assert forgetful.replay(0) is None  # event 1 is gone: a resume cannot be exact
+    assert [m["seq"] for m in forgetful.replay(1) or []] == [2, 3]
+    assert "resume_token" not in V2Protocol(INFO).opening()[0]
 
 
 def test_kyutai_messages() -> None:

@@ -112,7 +112,7 @@ def test_v2_flush_mid_stream_then_go_on(candle_daemon: DaemonProcess, ref_model:
                                             {flush_after: {"type": "flush", "id": "f1"}}))
     assert code == 1000
     cut = next(i for i, m in enumerate(received) if m["type"] == "flushed")
-    assert received[cut] == {"type": "flushed", "id": "f1"}
+    assert received[cut] == {"type": "flushed", "id": "f1", "seq": received[cut]["seq"]}
     # Everything spoken before the flush arrives before `flushed`.
     first = flushed_audio(clip[:sent_before], ref_model)
     expected_first = reference_words(ref_model, reference_tokens(ref_model, first))

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import ssl
@@ -23,7 +24,7 @@ import time
 from http import HTTPStatus
 from importlib import resources
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -37,13 +38,14 @@ from ..logs import get_logger
 from ..model.loader import LoadedModel, load_model
 from ..model.store import resolve
 from .advertise import Advert, advertise, lan_addresses
-from .auth import origin_allowed, token_ok
-from .codes import HEALTH_PATH, METRICS_PATH, PAGE_PATH, READY_PATH, STATUS_PATH, WS_PATH
+from .auth import matching_token, origin_allowed, token_ok
+from .codes import HEALTH_PATH, METRICS_PATH, PAGE_PATH, READY_PATH, STATUS_PATH, WS_PATH, Close
 from .connections import ConnectionBudget, bind, close_quietly, raise_nofile_limit, serve_gated
 from .gateway import Gateway
 from .metrics import CONTENT_TYPE, Metrics
 from .protocols import PROTOCOLS, SessionInfo
-from .websocket import serve_connection
+from .session import Ending
+from .websocket import Resumables, resume_connection, serve_connection
 
 log = get_logger("daemon")
 
@@ -53,6 +55,9 @@ MAX_QUEUE = 16
 WRITE_LIMIT = 64 * 1024
 # A WebSocket handshake (TLS included) must complete within this many seconds.
 OPEN_TIMEOUT_S = 10.0
+# A resumable /v2 session keeps its numbered events at least this long (a client may notice a
+# dead connection late, then resume at once).
+MIN_REPLAY_KEEP_S = 30.0
 # Paths a connection past max_connections may still ask (the health reserve).
 HEALTH_PATHS = (HEALTH_PATH, READY_PATH, METRICS_PATH)
 
@@ -66,6 +71,9 @@ class Daemon:
         self.metrics = Metrics(lambda: self.engine.free_slots)
         self.engine.on_step = self.metrics.observe_step
         self.gateway = Gateway(self.engine, cfg.max_sessions, cfg.idle_timeout, self.metrics)
+        # /v2 sessions that survive a dropped connection for resume_grace seconds (0: off).
+        self.resumables = (Resumables(self.gateway, cfg.resume_grace, self.metrics)
+                           if cfg.resume_grace > 0 else None)
         self.state = "starting"
         self.stop_requested = asyncio.Event()
         self.port = 0
@@ -127,6 +135,7 @@ class Daemon:
             "slots": self.cfg.max_sessions, "free_slots": self.engine.free_slots,
             "sessions": len(self.gateway.sessions), "sessions_by_endpoint": by_endpoint,
             "connections": self.budget.open, "max_connections": self.budget.limit,
+            "resumable": self.resumables.counts() if self.resumables is not None else None,
             "step_ms": self.metrics.step_percentiles_ms(), "budget_ms": round(REALTIME_BUDGET_S * 1000),
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
@@ -188,13 +197,30 @@ class Daemon:
     # ---- WebSocket sessions -------------------------------------------------------------------
     async def handler(self, ws: ServerConnection) -> None:
         model = self.engine.model
-        assert model is not None
-        path = urlsplit(ws.request.path).path  # type: ignore[union-attr]
+        assert model is not None and ws.request is not None
+        url = urlsplit(ws.request.path)
+        path = url.path
+        owner = matching_token(self.cfg.auth_tokens, ws.request.headers, url.query)
+        query = parse_qs(url.query)
+        if path == "/v2" and "resume" in query:
+            if self.resumables is None:
+                await ws.close(Close.RESUME_UNKNOWN, "resume: resume_grace is 0 on this daemon")
+                return
+            last_seq = query.get("last_seq", ["0"])[0]
+            if not last_seq.isdigit():
+                await ws.close(Close.BAD_PAYLOAD, "resume: last_seq must be a non-negative integer")
+                return
+            await resume_connection(self.gateway, ws, self.resumables, query["resume"][0], int(last_seq),
+                                    owner)
+            return
         session_id = self.gateway.new_id()
+        token = secrets.token_urlsafe(24) if path == "/v2" and self.resumables is not None else None
         info = SessionInfo(session_id, self.cfg.model, model.files.asr_delay_seconds,
                            model.asr_delay_steps, model.vad_heads, self.cfg.eot_head,
-                           self.cfg.eot_threshold, self.cfg.vad_interval)
-        await serve_connection(self.gateway, ws, path, PROTOCOLS[path](info), session_id, self.metrics)
+                           self.cfg.eot_threshold, self.cfg.vad_interval, token,
+                           max(self.cfg.resume_grace, MIN_REPLAY_KEEP_S))
+        await serve_connection(self.gateway, ws, path, PROTOCOLS[path](info), session_id, self.metrics,
+                               self.resumables, token, owner)
 
     def _connection_class(self) -> type[ServerConnection]:
         """websockets' connection, counted in the connection budget (past it: closed at once)."""
@@ -400,6 +426,8 @@ class Daemon:
         self.state = "draining"
         await self._stop_listening(server)
         self.gateway.drain()
+        if self.resumables is not None:  # nobody to tell the last words to
+            self.resumables.end_waiting(Ending(Close.GOING_AWAY, "server shutting down"))
         if self.wyoming is not None:  # Wyoming connections with no stream have nothing to finish
             await self.wyoming.close_quiet()
         if not await self.gateway.wait_closed(self.cfg.shutdown_timeout):

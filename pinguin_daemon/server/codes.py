@@ -14,6 +14,10 @@ class Close(IntEnum):
     TOO_BIG = 1009  # a message over max_message_bytes (sent by websockets itself)
     INTERNAL = 1011  # the inference engine stopped; the daemon exits and launchd restarts it
     TRY_AGAIN = 1013  # every slot is taken: try again later
+    # /v2 resumption (docs/PROTOCOL.md), in the range for applications.
+    RESUME_UNKNOWN = 4001  # no session waits under that resume token (wrong, expired or finished)
+    REPLACED = 4002  # a resumed connection took the session over from this one
+    RESUME_TOO_LATE = 4003  # the events after last_seq are no longer kept: the session cannot resume
 
 
 # The /ws stream path of the seed's iOS client.

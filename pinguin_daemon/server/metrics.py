@@ -51,6 +51,13 @@ class Metrics:
                                     registry=r)
         self.messages_in = Counter("pinguin_messages_in", "WebSocket messages received", registry=r)
         self.messages_out = Counter("pinguin_messages_out", "WebSocket messages sent", registry=r)
+        self.sessions_waiting = Gauge("pinguin_sessions_waiting_for_resume",
+                                      "/v2 sessions whose connection dropped, waiting to be resumed",
+                                      registry=r)
+        self.sessions_resumed = Counter("pinguin_sessions_resumed", "/v2 sessions resumed after a drop",
+                                        registry=r)
+        self.sessions_expired = Counter("pinguin_sessions_resume_expired",
+                                        "/v2 sessions not resumed within resume_grace", registry=r)
         self.model_load_seconds = Gauge("pinguin_model_load_seconds",
                                         "Time to load and warm the model", registry=r)
 

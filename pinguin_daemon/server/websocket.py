@@ -50,6 +50,12 @@ class WsStream:
         self.bytes_sent = 0  # payload bytes handed to websockets (the watchdog sees them drain)
         self.outbox_ready = asyncio.Event()
         self.sent_messages = 0
+        # Resuming (/v2): the session outlives a connection that ends without a close frame.
+        self.resumable = False
+        self.owner_token: str | None = None  # the auth token that opened it: only it resumes it
+        self.replaced = asyncio.Event()  # a resumed connection takes over from this one
+        self.released_connection = asyncio.Event()  # the connection runner has let go
+        self._handling: asyncio.Future[Ending | None] | None = None  # the command being applied
 
     # ---- Listener (the session's events) -----------------------------------------------------
     def on_step(self, events: list[Event], step: int, buffered: int) -> bool:
@@ -76,34 +82,68 @@ class WsStream:
         its slot is released at once, whatever the session was waiting for), or the watchdog
         finding that the client has stopped reading (1008)."""
         self.session = session
-        self._queue(self.protocol.opening())
+        ws = self.ws  # a resumed connection may replace self.ws while this one closes
+        if not self.outbox:
+            self._queue(self.protocol.opening())
+        self.replaced.clear()
+        self.released_connection.clear()
         sender = asyncio.create_task(self._send_loop())
         try:
             ending = await self._serve(session)
         finally:
             sender.cancel()  # also when the daemon cancels the session
+            self.released_connection.set()
         session.extra["messages_out"] = self.sent_messages
+        # (A resumed connection already has the session: released_connection is set.)
+        await self._close_quietly(ws, ending)
+        return ending
+
+    @staticmethod
+    async def _close_quietly(ws: ServerConnection, ending: Ending) -> None:
         try:
-            await self.ws.close(ending.code, clip_reason(ending.reason))
+            await ws.close(ending.code, clip_reason(ending.reason))
         except ConnectionClosed:
             pass
-        return ending
+
+    def detaches(self, ending: Ending) -> bool:
+        """This ending leaves the session open: a resumable connection lost without a close frame
+        (the session waits for its client), or replaced by a resumed connection."""
+        return ending.code == Close.REPLACED or (self.resumable and ending.code == 1006)
+
+    def protocol_samples(self) -> int:
+        """Samples the client sent that the session took (at the client's rate, /v2)."""
+        return int(getattr(self.protocol, "client_samples", 0))
+
+    def attach(self, ws: ServerConnection, items: list[Any]) -> None:
+        """A resumed connection takes the session over: what it hears first is `items`."""
+        self.ws = ws
+        self.outbox = []
+        self.unsent_bytes = 0
+        self.bytes_sent = 0
+        self._queue(items)
 
     async def _serve(self, session: Session) -> Ending:
         """Run until the session ends, free the slot, send the protocol's closing messages."""
         receiver = asyncio.create_task(self._receive_loop(session))
         watchdog = asyncio.create_task(self._watch_reader())
         gone = asyncio.create_task(self.ws.wait_closed())
-        tasks = (receiver, watchdog, gone)
+        replaced = asyncio.create_task(self.replaced.wait())
+        tasks = (receiver, watchdog, gone, replaced)
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self._handling is not None and not self._handling.done():
+            # A command being applied (audio, a flush) completes: it needs the engine, not the
+            # socket, and a resumed session must hold exactly what the client was told it took.
+            await asyncio.gather(self._handling, return_exceptions=True)
         not_reading = False
         if receiver.done() and not receiver.cancelled() and receiver.exception() is None:
             ending = receiver.result()
+        elif replaced.done() and not replaced.cancelled():
+            return Ending(Close.REPLACED, "replaced by a resumed connection")
         elif watchdog.done() and not watchdog.cancelled():
             not_reading = True
             ending = Ending(Close.POLICY, f"client is not reading: over {MAX_UNREAD_BYTES} bytes of "
@@ -115,6 +155,8 @@ class WsStream:
         else:
             receiver.result()  # the receive side failed: the handler logs it and closes with 1011
             raise AssertionError("unreachable")
+        if self.detaches(ending):  # no close frame: the phone may come back
+            return ending
         session.release()  # the slot is free before the closing handshake, however long that takes
         client_gone = ending.code in (1005, 1006) or ending.code >= 4000
         if not client_gone and not not_reading:  # a client that does not read gets no more
@@ -141,7 +183,9 @@ class WsStream:
                     session.heard()
                     if self.metrics is not None:
                         self.metrics.messages_in.inc()
-                    ended = await self._handle(session, message, time.perf_counter())
+                    self._handling = asyncio.ensure_future(
+                        self._handle(session, message, time.perf_counter()))
+                    ended = await asyncio.shield(self._handling)
                     if ended is not None:
                         return ended
                 else:
@@ -237,23 +281,161 @@ class WsStream:
                 return  # the receive side reports the close
 
 
-async def serve_connection(gateway: Gateway, ws: ServerConnection, path: str, protocol: Protocol,
-                           session_id: str, metrics: Metrics | None) -> None:
-    """The handler of one accepted WebSocket: admission, then the stream until it ends."""
-    stream = WsStream(ws, protocol, metrics)
-    try:
-        session = await gateway.open(path, peer_of(ws), stream, session_id)
-    except Refused as exc:
-        await ws.close(Close.TRY_AGAIN, clip_reason(str(exc)))
-        return
-    session.closer = ws.close
+class Resumables:
+    """/v2 sessions that may be resumed: by token, those attached and those waiting for their
+    client to come back (for `resume_grace` seconds; their slot stays busy meanwhile)."""
+
+    def __init__(self, gateway: Gateway, grace: float, metrics: Metrics | None = None) -> None:
+        self.gateway = gateway
+        self.grace = grace
+        self.metrics = metrics
+        self.streams: dict[str, WsStream] = {}  # resume token -> stream
+        self._expiry: dict[str, asyncio.Task[None]] = {}  # token -> the wait of a detached one
+        self.resumed = 0
+        self.expired = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._expiry)
+
+    def counts(self) -> dict[str, int]:
+        return {"waiting": self.waiting, "resumed": self.resumed, "expired": self.expired}
+
+    def register(self, token: str, stream: WsStream) -> None:
+        stream.resumable = True
+        self.streams[token] = stream
+
+    def forget(self, token: str) -> None:
+        self.streams.pop(token, None)
+        expiry = self._expiry.pop(token, None)
+        if expiry is not None and expiry is not asyncio.current_task():
+            expiry.cancel()
+
+    def detach(self, token: str, stream: WsStream, session: Session) -> None:
+        """The connection ended without a close: the session waits `grace` seconds."""
+        session.busy += 1  # the idle clock stops while nobody can send
+        self._expiry[token] = asyncio.get_running_loop().create_task(self._expire(token, stream, session))
+        log.bind(session_id=session.id, peer=session.peer, frontend=session.frontend).info(
+            "session_detached", grace_s=self.grace, samples=stream.protocol_samples())
+        if self.metrics is not None:
+            self.metrics.sessions_waiting.inc()
+
+    async def _expire(self, token: str, stream: WsStream, session: Session) -> None:
+        try:
+            await asyncio.sleep(self.grace)
+        except asyncio.CancelledError:
+            return
+        self._expiry.pop(token, None)
+        self.streams.pop(token, None)
+        self.expired += 1
+        if self.metrics is not None:
+            self.metrics.sessions_waiting.dec()
+            self.metrics.sessions_expired.inc()
+        log.bind(session_id=session.id, peer=session.peer, frontend=session.frontend).info(
+            "session_expired", grace_s=self.grace)
+        self.gateway.close(session, Ending(1006, f"connection lost; not resumed within {self.grace:g} s"))
+
+    def take(self, token: str, owner: str | None) -> WsStream | None:
+        """The stream a resume token names, if it is still open and `owner` opened it."""
+        stream = self.streams.get(token)
+        if stream is None or stream.session is None or stream.session.released:
+            return None
+        if stream.owner_token != owner:
+            return None
+        expiry = self._expiry.pop(token, None)
+        if expiry is not None:
+            expiry.cancel()
+            stream.session.busy -= 1
+            if self.metrics is not None:
+                self.metrics.sessions_waiting.dec()
+        return stream
+
+    def end_waiting(self, ending: Ending) -> None:
+        """Draining: sessions without a connection cannot get their last words; they end now."""
+        for token in list(self._expiry):
+            stream = self.streams.get(token)
+            self.forget(token)
+            if stream is not None and stream.session is not None:
+                self.gateway.close(stream.session, ending)
+
+
+async def _serve_attached(gateway: Gateway, stream: WsStream, session: Session,
+                          resumables: Resumables | None, token: str | None) -> None:
+    """Run the stream on its current connection; then close the session, or let it wait."""
+    session.closer = stream.ws.close
+    session.task = asyncio.current_task()
     ending = Ending(Close.INTERNAL, "internal error")
     try:
         ending = await stream.run(session)
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.bind(session_id=session.id, peer=session.peer, frontend=path).exception("session_failed")
-        await ws.close(Close.INTERNAL, "internal error")
+        log.bind(session_id=session.id, peer=session.peer, frontend=session.frontend).exception(
+            "session_failed")
+        await stream.ws.close(Close.INTERNAL, "internal error")
     finally:
-        gateway.close(session, ending)
+        if stream.detaches(ending) and resumables is not None and token is not None and not session.released:
+            if ending.code != Close.REPLACED:  # (a takeover: the new connection has it already)
+                resumables.detach(token, stream, session)
+        else:
+            if resumables is not None and token is not None:
+                resumables.forget(token)
+            gateway.close(session, ending)
+
+
+async def serve_connection(gateway: Gateway, ws: ServerConnection, path: str, protocol: Protocol,
+                           session_id: str, metrics: Metrics | None, resumables: Resumables | None = None,
+                           token: str | None = None, owner: str | None = None) -> None:
+    """The handler of one accepted WebSocket: admission, then the stream until it ends.
+
+    Args:
+        token: the session's resume token (/v2 with resume_grace > 0), else None.
+        owner: the auth token the client connected with (only it may resume the session).
+    """
+    stream = WsStream(ws, protocol, metrics)
+    stream.owner_token = owner
+    try:
+        session = await gateway.open(path, peer_of(ws), stream, session_id)
+    except Refused as exc:
+        await ws.close(Close.TRY_AGAIN, clip_reason(str(exc)))
+        return
+    if resumables is not None and token is not None:
+        resumables.register(token, stream)
+    await _serve_attached(gateway, stream, session, resumables, token)
+
+
+async def resume_connection(gateway: Gateway, ws: ServerConnection, resumables: Resumables, token: str,
+                            last_seq: int, owner: str | None) -> None:
+    """A /v2 client comes back with its resume token: it takes its session over, hears `resumed`
+    and every numbered event after `last_seq`, and sends its audio from `samples` on."""
+    stream = resumables.take(token, owner)
+    if stream is None or stream.session is None:
+        log.warning("resume_refused", peer=peer_of(ws), reason="unknown or expired resume token")
+        await ws.close(Close.RESUME_UNKNOWN, "resume: no session waits under this token (expired, "
+                                             "finished or never issued)")
+        return
+    session = stream.session
+    bound = log.bind(session_id=session.id, peer=peer_of(ws), frontend=session.frontend)
+    if not stream.released_connection.is_set():  # the old connection is still open: take over
+        stream.replaced.set()
+        try:
+            await asyncio.wait_for(stream.released_connection.wait(), CLOSING_SEND_S)
+        except TimeoutError:
+            bound.warning("resume_takeover_slow")
+    protocol = stream.protocol
+    replay = protocol.replay(last_seq) if hasattr(protocol, "replay") else []
+    if replay is None or last_seq > getattr(protocol, "seq", 0) or last_seq < 0:
+        resumables.forget(token)
+        gateway.close(session, Ending(Close.RESUME_TOO_LATE, "resume: events after last_seq are gone"))
+        await ws.close(Close.RESUME_TOO_LATE, f"resume: the events after seq {last_seq} are no longer kept "
+                                              "(or never were): start a new session")
+        return
+    stream.attach(ws, [protocol.resumed(), *replay])  # type: ignore[attr-defined]
+    session.peer = peer_of(ws)
+    session.heard()
+    resumables.resumed += 1
+    if resumables.metrics is not None:
+        resumables.metrics.sessions_resumed.inc()
+    bound.info("session_resumed", last_seq=last_seq, replayed=len(replay),
+               samples=stream.protocol_samples())
+    await _serve_attached(gateway, stream, session, resumables, token)

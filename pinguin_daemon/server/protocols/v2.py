@@ -4,6 +4,8 @@ s16 at any rate from 8 to 48 kHz."""
 from __future__ import annotations
 
 import json
+import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -25,12 +27,22 @@ from .base import (
     time_of,
 )
 
+# Numbered events kept for a resumed connection to replay, at most (with resume_keep_s, whichever
+# keeps fewer): minutes of dictation.
+MAX_REPLAY = 10_000
+# Events that carry transcript or state: numbered (`seq`) and replayed after a resume.
+NUMBERED = frozenset({"text", "word", "word_end", "end_of_turn", "vad", "flushed"})
+
 
 class V2Protocol(Protocol):
-    """/v2: JSON messages out; binary audio and JSON control in."""
+    """/v2: JSON messages out; binary audio and JSON control in.
+
+    Every event that carries transcript or state has a `seq` (1, 2, ... per session, across
+    reconnections) and is kept for a while, so that a client that lost its connection resumes
+    with exactly the events it missed (docs/PROTOCOL.md). Text is never merged: each `seq` is
+    one message."""
 
     path = "/v2"
-    merge_text = True
 
     def __init__(self, info: SessionInfo) -> None:
         super().__init__(info)
@@ -40,12 +52,46 @@ class V2Protocol(Protocol):
         self.audio_started = False  # `start` is only allowed before the first audio
         self._resampler: Any = None  # soxr stream when sample_rate != 24 kHz
         self._eot_armed = False  # a word was heard since the last end_of_turn
+        self.client_samples = 0  # samples taken from the client, at its own rate (for a resume)
+        self.seq = 0  # the last event number given
+        self._kept: deque[tuple[int, float, dict[str, Any]]] = deque()  # (seq, when, event)
 
     def _ready(self) -> dict[str, Any]:
-        return {"type": "ready", "session_id": self.info.session_id, "model": self.info.model,
-                "delay": self.info.delay_s, "encoding": self.encoding,
-                "sample_rate": self.sample_rate, "end_of_turn": self.info.vad_heads > 0,
-                "vad_interval": self.vad_interval}
+        ready = {"type": "ready", "session_id": self.info.session_id, "model": self.info.model,
+                 "delay": self.info.delay_s, "encoding": self.encoding,
+                 "sample_rate": self.sample_rate, "end_of_turn": self.info.vad_heads > 0,
+                 "vad_interval": self.vad_interval}
+        if self.info.resume_token is not None:
+            ready["resume_token"] = self.info.resume_token
+        return ready
+
+    def _number(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Give transcript and state events their `seq` and keep them for a replay."""
+        now = time.monotonic()
+        for item in items:
+            if item["type"] in NUMBERED:
+                self.seq += 1
+                item["seq"] = self.seq
+                if self.info.resume_token is not None:
+                    self._kept.append((self.seq, now, item))
+        while self._kept and (len(self._kept) > MAX_REPLAY
+                              or now - self._kept[0][1] > self.info.resume_keep_s):
+            self._kept.popleft()
+        return items
+
+    def replay(self, last_seq: int) -> list[dict[str, Any]] | None:
+        """The events after `last_seq` in order, or None when some of them are no longer kept."""
+        missing = self.seq - last_seq
+        if missing <= 0:
+            return []
+        if len(self._kept) < missing:
+            return None
+        return [item for seq, _, item in list(self._kept)[-missing:]]
+
+    def resumed(self) -> dict[str, Any]:
+        """What a resumed connection hears first: where to send audio from, and the last event."""
+        return {"type": "resumed", "session_id": self.info.session_id, "samples": self.client_samples,
+                "encoding": self.encoding, "sample_rate": self.sample_rate, "last_seq": self.seq}
 
     def opening(self) -> list[Any]:
         return [self._ready()]
@@ -89,6 +135,7 @@ class V2Protocol(Protocol):
                 samples = decode_f32le(payload)
         except BadAudio as exc:
             return Reject(Close.BAD_PAYLOAD, str(exc), "bad_audio")
+        self.client_samples += len(samples)
         if self._resampler is not None:
             samples = self._resampler.resample_chunk(samples)
         return AudioIn(np.asarray(samples, np.float32))
@@ -134,10 +181,10 @@ class V2Protocol(Protocol):
                     out.append({"type": "end_of_turn", "head": head,
                                 "probability": round(event.probs[head], 4),
                                 "time": time_of(event.step, delay)})
-        return out
+        return self._number(out)
 
     def flushed(self, flush_id: Any) -> list[Any]:
-        return [{"type": "flushed", "id": flush_id}]
+        return self._number([{"type": "flushed", "id": flush_id}])
 
     def drain(self) -> np.ndarray:
         if self._resampler is None:
@@ -159,10 +206,4 @@ class V2Protocol(Protocol):
         return items
 
     def wire(self, items: list[Any]) -> list[str | bytes]:
-        merged: list[dict[str, Any]] = []
-        for item in items:
-            if item["type"] == "text" and merged and merged[-1]["type"] == "text":
-                merged[-1] = {"type": "text", "text": merged[-1]["text"] + item["text"]}
-            else:
-                merged.append(item)
-        return [json.dumps(m, ensure_ascii=False) for m in merged]
+        return [json.dumps(item, ensure_ascii=False) for item in items]

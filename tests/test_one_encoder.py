@@ -1,6 +1,7 @@
-"""The daemon with `encoder = "mlx"`: the engine encodes every session's audio in its batch.
-Concurrent sessions get exactly what each gets alone (f32 and bf16); a session costs no codec
-memory of its own; hundreds of connect/disconnect cycles leave the idle daemon as it was."""
+"""The daemon's one encoder, on its default configuration: the engine encodes every session's
+audio in its batch (the batched MLX Mimi, on every backend). Concurrent sessions get exactly what
+each gets alone (f32 and bf16); a session costs no codec memory of its own; hundreds of
+connect/disconnect cycles leave the idle daemon as it was, and no reconnect is ever refused."""
 
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ def rss_mb(proc: DaemonProcess) -> float:
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_concurrent_sessions_get_what_each_gets_alone(synthetic_dir: Path, speech_clips: list[np.ndarray],
                                                       dtype: str) -> None:
-    proc = DaemonProcess("--model", str(synthetic_dir), "--dtype", dtype, "--max-sessions", "3",
-                         "--encoder", "mlx")
+    proc = DaemonProcess("--model", str(synthetic_dir), "--dtype", dtype, "--max-sessions", "3")
     try:
         ready = json.loads(http_get(proc.port, "/readyz")[1])
         assert (ready["encoder"], ready["device"]) == ("mlx", "cpu")
@@ -47,7 +47,6 @@ def test_concurrent_sessions_get_what_each_gets_alone(synthetic_dir: Path, speec
             assert a.close_code == c.close_code == 1000
             assert a.text == c.text and len(a.text.split()) >= 2
         assert len({a.text for a in alone}) == 3
-        assert not proc.events("encoder_build_failed")
     finally:
         proc.stop()
 
@@ -55,8 +54,7 @@ def test_concurrent_sessions_get_what_each_gets_alone(synthetic_dir: Path, speec
 def test_sessions_cost_no_codec_memory_and_churn_leaves_nothing_behind(
         synthetic_dir: Path, speech_clips: list[np.ndarray]) -> None:
     slots = 4
-    proc = DaemonProcess("--model", str(synthetic_dir), "--dtype", "f32", "--max-sessions", str(slots),
-                         "--encoder", "mlx")
+    proc = DaemonProcess("--model", str(synthetic_dir), "--max-sessions", str(slots))
     try:
         clip = speech_clips[2][:24000]
         asyncio.run(stream(proc.url, clip))  # the first session primes MLX's buffer cache
@@ -78,20 +76,18 @@ def test_sessions_cost_no_codec_memory_and_churn_leaves_nothing_behind(
         # (rustymimi: ~374 MB each).
         assert per_session <= 20, f"{per_session:.1f} MB per extra session"
 
-        async def churn(cycles: int) -> list[str]:
-            outcomes = []
-            for i in range(cycles):
-                ws = await connect(f"ws://127.0.0.1:{proc.port}/v2")
-                outcomes.append(json.loads(await ws.recv())["type"])
+        async def churn(cycles: int) -> None:
+            for i in range(cycles):  # the iOS app's path; a dropped /v2 session would wait for a resume
+                ws = await connect(proc.url)
                 await ws.send(clip[(i % 10) * 960:(i % 10) * 960 + 960].tobytes())  # half a frame
                 ws.transport.abort()
-            return outcomes
 
-        assert asyncio.run(churn(500)) == ["ready"] * 500
+        asyncio.run(churn(500))
         asyncio.run(stream(proc.url, clip))
         after = rss_mb(proc)
         assert after <= fresh * 1.10, (fresh, after)
         status, body = http_get(proc.port, "/readyz")
         assert json.loads(body)["free_slots"] == slots
+        assert len(proc.events("session_opened")) >= 500 and not proc.events("session_refused")
     finally:
         proc.stop()
