@@ -14,7 +14,8 @@ from typing import Any
 
 from .errors import UserError
 
-DEFAULT_MODEL = "kyutai/stt-1b-en_fr-mlx"
+# The -candle checkpoint: the same model as -mlx, plus the end-of-turn heads.
+DEFAULT_MODEL = "kyutai/stt-1b-en_fr-candle"
 ENV_PREFIX = "PINGUIN_"
 # PINGUIN_* variables that are not settings: the config file path, where generated data goes,
 # the test suite's cache, and the BLAS choice (read when the package is imported: blas.py).

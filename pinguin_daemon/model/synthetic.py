@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 # Bump when the generator changes, so cached checkpoints are regenerated.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 MIMI_NAME = "mimi-pytorch-e351c8d8@125.safetensors"
 TOKENIZER_NAME = "tokenizer_en_fr_audio_8000.model"
@@ -212,7 +212,8 @@ def write_synthetic_checkpoint(
         seed: the random seed; the same seed gives the same files.
         layout: "mlx" (MLX-named `model.safetensors` plus `model.q8`/`model.q4` variants, as in
             `kyutai/stt-1b-en_fr-mlx`) or "candle" (PyTorch-named `model.safetensors`, as in
-            `kyutai/stt-1b-en_fr-candle`). Both hold the same weights for the same seed.
+            `kyutai/stt-1b-en_fr-candle`). Both hold the same weights for the same seed, but
+            for the end-of-turn heads, which only the candle layout has (as published).
         dim, num_layers, num_heads: transformer shape (default: the tiny config).
     """
     import mlx.core as mx
@@ -220,7 +221,7 @@ def write_synthetic_checkpoint(
     from moshi_mlx import models
     from safetensors.numpy import save_file
 
-    from .loader import parameter_items
+    from .loader import lm_config_for, parameter_items
 
     if layout not in ("mlx", "candle"):
         raise ValueError(f"layout must be 'mlx' or 'candle', got {layout!r}")
@@ -231,10 +232,12 @@ def write_synthetic_checkpoint(
     if layout == "candle":
         save_file(lm_weights_to_pytorch(weights), str(out_dir / "model.safetensors"))
     else:
-        mlx_weights = {k: mx.array(v).astype(mx.bfloat16) for k, v in weights.items()}
+        # Like the published -mlx checkpoint: no end-of-turn heads (only -candle carries them).
+        mlx_weights = {k: mx.array(v).astype(mx.bfloat16) for k, v in weights.items()
+                       if not k.startswith("extra_heads.")}
         mx.save_safetensors(str(out_dir / "model.safetensors"), mlx_weights)
         for bits, group in ((8, 64), (4, 32)):
-            lm = models.Lm(models.LmConfig.from_config_dict(config))
+            lm = models.Lm(lm_config_for(config, list(mlx_weights)))
             lm.set_dtype(mx.bfloat16)
             lm.load_weights(list(mlx_weights.items()), strict=True)
             nn.quantize(lm, bits=bits, group_size=group)

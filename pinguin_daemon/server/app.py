@@ -21,6 +21,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 from http import HTTPStatus
 from importlib import resources
 from typing import Any, cast
@@ -29,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from ..blas import blas_description, blas_warning
 from ..config import DEPRECATED, Config, resolve_dtype
@@ -44,6 +46,8 @@ from .connections import ConnectionBudget, bind, close_quietly, raise_nofile_lim
 from .gateway import Gateway
 from .metrics import CONTENT_TYPE, Metrics
 from .protocols import PROTOCOLS, SessionInfo
+from .protocols.openai_realtime import MAX_EVENT_BYTES as REALTIME_MAX_EVENT_BYTES
+from .protocols.openai_realtime import OpenAIRealtimeProtocol
 from .session import Ending
 from .websocket import Resumables, resume_connection, serve_connection
 
@@ -60,6 +64,12 @@ OPEN_TIMEOUT_S = 10.0
 MIN_REPLAY_KEEP_S = 30.0
 # Paths a connection past max_connections may still ask (the health reserve).
 HEALTH_PATHS = (HEALTH_PATH, READY_PATH, METRICS_PATH)
+
+
+def select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """Browsers' OpenAI realtime clients ask for "realtime" (their key rides in another offered
+    subprotocol, checked with the tokens): answer with it. Other clients offer none."""
+    return Subprotocol("realtime") if "realtime" in offered else None
 
 
 class Daemon:
@@ -213,6 +223,8 @@ class Daemon:
             await resume_connection(self.gateway, ws, self.resumables, query["resume"][0], int(last_seq),
                                     owner)
             return
+        if path == OpenAIRealtimeProtocol.path:  # the SDK appends up to 15 MiB of base64 at once
+            ws.protocol.max_message_size = max(self.cfg.max_message_bytes, REALTIME_MAX_EVENT_BYTES)
         session_id = self.gateway.new_id()
         token = secrets.token_urlsafe(24) if path == "/v2" and self.resumables is not None else None
         info = SessionInfo(session_id, self.cfg.model, model.files.asr_delay_seconds,
@@ -272,7 +284,7 @@ class Daemon:
             self.http_port = int(sockets["http_port"].getsockname()[1])
         if "wyoming_port" in sockets:
             self.wyoming = WyomingServer(self.gateway, self.cfg.model, bool(self.cfg.auth_tokens),
-                                         self.cfg.wyoming_allow)
+                                         self.cfg.wyoming_allow, (self.cfg.eot_head, self.cfg.eot_threshold))
             self._side_servers.append(await serve_gated(
                 self.wyoming.protocol_factory, sockets["wyoming_port"], self.budget, "wyoming_port"))
             self.wyoming_port = int(sockets["wyoming_port"].getsockname()[1])
@@ -309,6 +321,7 @@ class Daemon:
                              max_size=self.cfg.max_message_bytes, max_queue=MAX_QUEUE,
                              write_limit=WRITE_LIMIT, compression=None, ssl=self.ssl_context,
                              open_timeout=OPEN_TIMEOUT_S, create_connection=self._connection_class(),
+                             select_subprotocol=select_subprotocol,
                              logger=logging.getLogger("websockets")) as server:
                 self.port = int(sockets["port"].getsockname()[1])
                 await self._start_side_ports(sockets)
@@ -390,7 +403,7 @@ class Daemon:
                  idle_timeout=self.cfg.idle_timeout, startup_s=round(startup_s, 2))
         if model.files.synthetic:
             log.warning("synthetic_model", note="serving a synthetic model with random weights: "
-                        "transcripts are meaningless; set 'model' to kyutai/stt-1b-en_fr-mlx")
+                        "transcripts are meaningless; set 'model' to kyutai/stt-1b-en_fr-candle")
 
     async def _stop_listening(self, server: Server) -> None:
         """Stop accepting on every port; open sessions carry on."""

@@ -129,6 +129,24 @@ def segments(t: FileTranscript) -> list[dict[str, Any]]:
             for i, ws in enumerate(out)]
 
 
+# Words that mark one of the model's two languages and not the other: the transcript's language,
+# told the honest way when the request named none (the model itself does not report it).
+MARKERS = {
+    "english": frozenset("the and you he she we they is are not that which with this to of it my me was "
+                         "have what there".split()),
+    "french": frozenset("le la les des du une et je tu il elle nous vous est pas que qui pour dans sur "
+                        "avec ce cette au aux mais ou très".split()),
+}
+
+
+def guess_language(text: str) -> str:
+    """"english" or "french" by the marker words the transcript holds; "unknown" without any."""
+    words = [w.strip(".,;:!?«»\"'()").lower() for w in text.split()]
+    counts = {name: sum(w in markers for w in words) for name, markers in MARKERS.items()}
+    best = max(counts, key=lambda name: counts[name])
+    return best if counts[best] and list(counts.values()).count(counts[best]) == 1 else "unknown"
+
+
 def _clock(seconds: float, separator: str) -> str:
     ms = round(seconds * 1000)
     return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{separator}{ms % 1000:03d}"
@@ -216,8 +234,11 @@ class FileApi:
             response = await handler(request)
         except web.HTTPNotFound:
             response = _error(404, f"Invalid URL ({request.method} {request.path})", None)
-        except web.HTTPMethodNotAllowed:
-            response = _error(405, f"Invalid method for URL ({request.method} {request.path})", None)
+        except web.HTTPMethodNotAllowed as exc:
+            if set(exc.allowed_methods) <= {"OPTIONS"}:  # only the CORS preflight route matched
+                response = _error(404, f"Invalid URL ({request.method} {request.path})", None)
+            else:
+                response = _error(405, f"Invalid method for URL ({request.method} {request.path})", None)
         origin = self._cors_origin(request)
         if origin is not None and not response.prepared:
             response.headers["Access-Control-Allow-Origin"] = origin
@@ -414,7 +435,8 @@ class FileApi:
             return web.Response(text=subtitles(t, response_format), content_type=kind, headers=headers)
         if response_format == "json":
             return web.json_response({"text": t.text, "usage": usage}, headers=headers)
-        body: dict[str, Any] = {"task": "transcribe", "language": LANGUAGES.get(language or "", "unknown"),
+        named = LANGUAGES[language] if language else guess_language(t.text)
+        body: dict[str, Any] = {"task": "transcribe", "language": named,
                                 "duration": round(seconds, 3), "text": t.text,
                                 "segments": segments(t), "usage": usage}
         if "word" in granularities:

@@ -108,6 +108,9 @@ class Session:
         self.lag_sum = 0  # frames in flight summed over submits, for the mean
         self.started = time.monotonic()
         self.extra: dict[str, Any] = {}  # the front end's own figures for the summary line
+        # Silence the server fed into the model (flushes): (model sample where it begins, samples),
+        # so that model times map back to the client's own audio timeline.
+        self.injections: list[tuple[int, int]] = []
 
     # ---- engine thread -> loop ----------------------------------------------------------------
     def sink(self, events: list[Event]) -> None:
@@ -204,6 +207,9 @@ class Session:
             if tail is not None and len(tail):
                 await self.feed(tail, time.perf_counter())
             silence = np.zeros((self.flush_frames, FRAME_SAMPLES), np.float32)
+            buffered = self.reframer.buffered
+            padding = (FRAME_SAMPLES - buffered) % FRAME_SAMPLES
+            self.injections.append((self.submitted * FRAME_SAMPLES + buffered, padding + silence.size))
             await self._submit(np.concatenate([self.reframer.flush(), silence]))
             while self.stepped < self.submitted and not self.released:
                 self.advanced.clear()
@@ -211,6 +217,17 @@ class Session:
         finally:
             self.busy -= 1
             self.heard()
+
+    def client_seconds(self, model_seconds: float) -> float:
+        """A time of the model's audio as a time of the client's: the silence flushes fed is not
+        the client's (a time inside such silence is where it began)."""
+        position = model_seconds * SAMPLE_RATE
+        shift = 0.0
+        for start, count in self.injections:
+            if position <= start:
+                break
+            shift += min(count, position - start)
+        return (position - shift) / SAMPLE_RATE
 
     def mark(self, marker_id: int) -> bool:
         """Answer `marker_id` (Listener.on_marker) once the audio taken so far is transcribed;

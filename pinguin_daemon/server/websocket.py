@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from typing import Any
 
+import numpy as np
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from ..audio.vad import SpeechDetector
 from ..engine.events import Event
 from ..logs import get_logger
 from .codes import Close
 from .gateway import Gateway, Refused
 from .metrics import Metrics
-from .protocols import AudioIn, FinishIn, FlushIn, MarkerIn, Protocol, Reject, Reply, clip_reason
+from .protocols import AudioIn, FinishIn, FlushIn, MarkerIn, Protocol, Reject, Reply, VadReset, clip_reason
 from .session import MAX_MARKERS, Ending, Session
 
 # Output waiting for a client (the outbox plus websockets' write buffer, i.e. what the kernel did
@@ -30,6 +34,13 @@ READER_CHECK_S = 0.1
 CLOSING_SEND_S = 5.0
 
 log = get_logger("websocket")
+
+
+@cache
+def vad_threads() -> ThreadPoolExecutor:
+    """Where voice activity is computed: off the event loop, shared by every session (a
+    session's audio goes through in order: it waits for each chunk's result)."""
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="vad")
 
 
 def peer_of(ws: ServerConnection) -> str:
@@ -56,6 +67,7 @@ class WsStream:
         self.replaced = asyncio.Event()  # a resumed connection takes over from this one
         self.released_connection = asyncio.Event()  # the connection runner has let go
         self._handling: asyncio.Future[Ending | None] | None = None  # the command being applied
+        self.detector: SpeechDetector | None = None  # voice activity, when the protocol wants it
 
     # ---- Listener (the session's events) -----------------------------------------------------
     def on_step(self, events: list[Event], step: int, buffered: int) -> bool:
@@ -82,6 +94,7 @@ class WsStream:
         its slot is released at once, whatever the session was waiting for), or the watchdog
         finding that the client has stopped reading (1008)."""
         self.session = session
+        self.protocol.clock = session.client_seconds
         ws = self.ws  # a resumed connection may replace self.ws while this one closes
         if not self.outbox:
             self._queue(self.protocol.opening())
@@ -216,7 +229,11 @@ class WsStream:
         session must end."""
         for command in self.protocol.commands(message):
             if isinstance(command, AudioIn):
+                await self._detect_voice(command.samples)
                 await session.feed(command.samples, arrived)
+            elif isinstance(command, VadReset):
+                if self.detector is not None:
+                    self.detector.reset()
             elif isinstance(command, FlushIn):
                 await session.flush(self.protocol.drain())
                 self._queue(self.protocol.flushed(command.id))
@@ -232,6 +249,17 @@ class WsStream:
             elif isinstance(command, Reject):
                 return Ending(command.code, command.reason, command.error)
         return None
+
+    async def _detect_voice(self, samples: np.ndarray) -> None:
+        """Voice activity on the client's audio, when its protocol asks for it (off the loop)."""
+        settings = self.protocol.vad_settings
+        if settings is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self.detector is None or self.detector.settings != settings:
+            self.detector = await loop.run_in_executor(vad_threads(), SpeechDetector, settings)
+        events = await loop.run_in_executor(vad_threads(), self.detector.push, samples)
+        self._queue(self.protocol.on_vad(events))
 
     def _write_buffer(self) -> int:
         """Bytes websockets has written to the transport that the kernel has not taken yet."""

@@ -27,8 +27,8 @@ from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
 
 from .. import __version__
 from ..audio.pcm import BadAudio, Resampler, decode_pcm
+from ..engine.events import EndOfTurnProbs, TextPiece
 from ..engine.events import Event as EngineEvent
-from ..engine.events import TextPiece
 from ..logs import get_logger
 from ..model.loader import SAMPLE_RATE
 from .codes import Close
@@ -74,7 +74,12 @@ def describe(model: str) -> Info:
         models=[AsrModel(name=model, attribution=attribution, installed=True,
                          description="Kyutai STT, English and French", version=None,
                          languages=list(LANGUAGES))],
-        supports_transcript_streaming=True)])
+        supports_transcript_streaming=True,
+        # Home Assistant's own VAD still ends the utterance (older versions know no other end);
+        # the daemon ends it earlier when the model's end-of-turn heads say the turn is over.
+        requires_external_vad=True,
+        # Kyutai STT was trained on untouched audio: no automatic gain, no noise suppression.
+        prefers_auto_gain_enabled=False, prefers_noise_reduction_enabled=False)])
 
 
 def encode(event: Event) -> bytes:
@@ -168,17 +173,23 @@ def language_of(value: Any) -> str | None:
 class WyomingStream:
     """One audio stream (audio-start .. audio-stop) of a connection: the session's listener."""
 
-    def __init__(self, writer: asyncio.StreamWriter, language: str | None) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, language: str | None, eot: tuple[int, float]) -> None:
         self.writer = writer
         self.language = language
+        self.eot = eot  # (head, threshold): the end-of-turn head that ends the utterance early
         self.resampler = Resampler(SAMPLE_RATE)
         self.pieces: list[str] = []
         self.session: Session | None = None
+        self.turn_over = False  # the model's heads say the speaker has finished
 
     def on_step(self, events: list[EngineEvent], step: int, buffered: int) -> bool:
         sent = False
         for event in events:
-            if isinstance(event, TextPiece):
+            if isinstance(event, EndOfTurnProbs):
+                head, threshold = self.eot
+                if self.text and head < len(event.probs) and event.probs[head] >= threshold:
+                    self.turn_over = True
+            elif isinstance(event, TextPiece):
                 text = event.text if self.pieces else event.text.lstrip()
                 self.pieces.append(event.text)
                 if text:
@@ -206,6 +217,7 @@ class WyomingConnection:
         self.peer = peer
         self.language: str | None = None  # from the last `transcribe`
         self.stream: WyomingStream | None = None
+        self.ended_early = False  # the transcript went out at the end of turn: audio until audio-stop is moot
         self._read: asyncio.Future[Event | None] | None = None  # the event being read
         self._interrupted: asyncio.Future[Any] | None = None  # the stream's session interruption
 
@@ -281,12 +293,17 @@ class WyomingConnection:
                 audio_format(event.data)
                 if self.stream is not None:  # a new stream ends the one before, cleanly
                     await self._finish()
+                self.ended_early = False
                 await self._start()
             elif AudioChunk.is_type(event.type):
                 if self.stream is not None:
                     await self._chunk(event)
+                    if self.stream.turn_over:
+                        self._finish_at_end_of_turn()
             elif AudioStop.is_type(event.type):
-                if self.stream is None:  # nothing was heard: an empty transcript
+                if self.ended_early:  # its transcript is out already
+                    self.ended_early = False
+                elif self.stream is None:  # nothing was heard: an empty transcript
                     self.write(Transcript(text="", language=self.language).event())
                     self.write(TranscriptStop().event())
                 else:
@@ -306,7 +323,7 @@ class WyomingConnection:
             await self.writer.drain()
 
     async def _start(self) -> None:
-        stream = WyomingStream(self.writer, self.language)
+        stream = WyomingStream(self.writer, self.language, self.server.eot)
         try:
             stream.session = await self.gateway.open(FRONTEND, self.peer, stream)
         except Refused as exc:
@@ -336,6 +353,18 @@ class WyomingConnection:
         self.write(Transcript(text=stream.text, language=stream.language).event())
         self.write(TranscriptStop().event())
 
+    def _finish_at_end_of_turn(self) -> None:
+        """The model's heads say the speaker has finished: the transcript goes out now, so Home
+        Assistant (2026.10 and later) stops streaming at once instead of waiting for its own VAD;
+        older versions read it after their audio-stop. Every word up to the end of turn is decoded
+        when the heads say so: no flush is needed."""
+        stream = self.stream
+        assert stream is not None
+        self._end_stream(Ending(Close.NORMAL, "end of turn (the model's end-of-turn heads)"))
+        self.ended_early = True
+        self.write(Transcript(text=stream.text, language=stream.language).event())
+        self.write(TranscriptStop().event())
+
     async def _interrupted_stream(self) -> None:
         stream = self.stream
         assert stream is not None and stream.session is not None
@@ -362,14 +391,16 @@ class WyomingServer:
     """The listener: who may connect, and the open connections."""
 
     def __init__(self, gateway: Gateway, model: str, auth_required: bool,
-                 allow: tuple[str, ...]) -> None:
+                 allow: tuple[str, ...], eot: tuple[int, float] = (1, 0.5)) -> None:
         """Args:
             gateway: the daemon's gateway.
             model: the model setting (named in `info`).
             auth_required: `auth_tokens` is set: only `allow`ed peers are served.
             allow: the `wyoming_allow` setting (addresses or CIDR ranges).
+            eot: (head, threshold) of the end-of-turn heads that end an utterance early.
         """
         self.gateway = gateway
+        self.eot = eot
         self.model = model
         self.auth_required = auth_required
         self.networks = [ipaddress.ip_network(a, strict=False) for a in allow]

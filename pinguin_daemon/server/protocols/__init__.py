@@ -19,6 +19,7 @@ from .base import (
     Reject,
     Reply,
     SessionInfo,
+    VadReset,
     clip_reason,
 )
 from .kyutai import KyutaiProtocol
@@ -30,4 +31,4 @@ PROTOCOLS: dict[str, type[Protocol]] = {
     p.path: p for p in (SeedProtocol, V2Protocol, KyutaiProtocol, OpenAIRealtimeProtocol)}
 
 __all__ = ["PROTOCOLS", "AudioIn", "Command", "FinishIn", "FlushIn", "KyutaiProtocol", "MarkerIn", "Protocol",
-           "Reject", "Reply", "SeedProtocol", "SessionInfo", "V2Protocol", "clip_reason"]
+           "Reject", "Reply", "SeedProtocol", "SessionInfo", "V2Protocol", "VadReset", "clip_reason"]

@@ -7,11 +7,13 @@ A protocol is pure: no I/O, no asyncio. The session does the I/O.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ...audio.vad import VadEvent, VadSettings
 from ...engine.events import Event
 from ...logs import get_logger
 from ...model.loader import FRAME_RATE
@@ -61,6 +63,11 @@ class MarkerIn:
 
 
 @dataclass(frozen=True, slots=True)
+class VadReset:
+    """The client discarded its audio buffer: voice activity starts afresh."""
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
     items: list[Any]  # messages to send now (e.g. `ready` after `start`)
 
@@ -72,7 +79,7 @@ class Reject:
     error: str = "bad_request"  # machine-readable error code for protocols that send one
 
 
-Command = AudioIn | FlushIn | FinishIn | MarkerIn | Reply | Reject
+Command = AudioIn | FlushIn | FinishIn | MarkerIn | VadReset | Reply | Reject
 
 
 def load_json(message: str, error: str) -> Any:
@@ -111,6 +118,15 @@ class Protocol:
 
     def __init__(self, info: SessionInfo) -> None:
         self.info = info
+        # Voice activity to detect on the incoming audio (None: none); the stream runs the
+        # detector and hands its events to on_vad.
+        self.vad_settings: VadSettings | None = None
+        # The model's audio time (s) as the client's: flushes feed silence the client never sent.
+        self.clock: Callable[[float], float] = lambda seconds: seconds
+
+    def on_vad(self, events: list[VadEvent]) -> list[Any]:
+        """Speech started or stopped in the client's audio; items to send."""
+        return []
 
     def opening(self) -> list[Any]:
         return []

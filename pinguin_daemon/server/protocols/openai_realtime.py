@@ -2,19 +2,29 @@
 against the official SDKs (and Open WebUI, LiveKit, Pipecat) stream to the daemon unchanged.
 
 Client events: `session.update` (GA: a session of type "transcription") or its beta alias
-`transcription_session.update`; `input_audio_buffer.append` (base64 pcm16, 24 kHz mono),
-`input_audio_buffer.commit`, `input_audio_buffer.clear`.
+`transcription_session.update`; `input_audio_buffer.append` (base64 pcm16, 24 kHz mono, up to
+15 MiB of base64), `input_audio_buffer.commit`, `input_audio_buffer.clear`.
 Server events: `session.created` / `session.updated` (beta: `transcription_session.updated`),
-`input_audio_buffer.speech_started` / `speech_stopped` / `committed` / `cleared`, a
+`input_audio_buffer.speech_started` / `speech_stopped` / `committed` / `cleared`,
+`conversation.item.added` and `.done` (beta: `conversation.item.created`), a
 `conversation.item.input_audio_transcription.delta` for each piece of text as it is decoded (the
-pieces /ws sends: append only, the turn's deltas concatenated are its transcript),
-`conversation.item.input_audio_transcription.completed` with the turn's transcript when the turn
-ends, and `error`.
+turn's deltas concatenated are its transcript), `...completed` with the turn's transcript and the
+seconds of audio it covers, and `error`.
 
-A turn ends at the model's end-of-turn (its semantic VAD heads, when `turn_detection` is server
-VAD and the checkpoint has them: the -candle one) or at `commit`, which first feeds the model's
-delay of silence faster than real time so the last words are in. As OpenAI's API, a bad event
-gets an `error` event and the session goes on; only a message that is not JSON closes it (1007).
+Turns, as OpenAI defines them:
+- `server_vad` (the default): a voice activity detector (Silero) on the incoming audio honours
+  `threshold`, `prefix_padding_ms` and `silence_duration_ms`: `speech_started` as soon as speech
+  is heard, `speech_stopped` after the silence, then `committed` and `completed` once the model has
+  decoded the audio up to the end of the speech (its 0.5 s delay later; no silence is injected).
+- `semantic_vad`: speech starts as above; the turn ends when the model's end-of-turn head for the
+  `eagerness` says so (checkpoints with the heads: kyutai/stt-1b-en_fr-candle).
+- `null`: one turn until the client commits.
+A commit ends the open turn at once: the model's delay of silence is fed faster than real time (not
+counted in the client's timeline). Every piece of text lands in exactly one completed turn: text
+decoded while no turn is open goes to the next one. Times are the client's audio timeline.
+
+As OpenAI's API, a bad event gets an `error` event and the session goes on; only a message that is
+not JSON closes it (1007).
 """
 
 from __future__ import annotations
@@ -24,17 +34,46 @@ import binascii
 import itertools
 import json
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ...audio.vad import SpeechStarted, SpeechStopped, VadEvent, VadSettings
 from ...engine.events import EndOfTurnProbs, Event, TextPiece
 from ...model.loader import SAMPLE_RATE
 from ..codes import Close
-from .base import AudioIn, Command, FlushIn, Protocol, Reject, Reply, SessionInfo, load_json, time_of
+from .base import (
+    AudioIn,
+    Command,
+    FlushIn,
+    Protocol,
+    Reject,
+    Reply,
+    SessionInfo,
+    VadReset,
+    load_json,
+    time_of,
+)
 
 # What a transcription session says about itself before any session.update (OpenAI's defaults).
-DEFAULT_TURN_DETECTION: dict[str, Any] = {"type": "server_vad"}
+DEFAULT_TURN_DETECTION: dict[str, Any] = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
+                                          "silence_duration_ms": 500}
+# semantic_vad: eagerness -> the end-of-turn head (pauses of 0.5, 1, 2, 3 s) and its threshold.
+EAGERNESS = {"high": (0, 0.5), "medium": (1, 0.5), "auto": (1, 0.5), "low": (3, 0.5)}
+# The largest input_audio_buffer.append the SDK sends is 15 MiB of base64; with the JSON around it.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Turn:
+    """One item of the conversation: a turn of the user's speech."""
+
+    item_id: str
+    start_s: float  # where its audio begins (client timeline)
+    end_s: float | None = None  # where its speech ended, once known
+    text: str = ""  # its transcript so far
+    announced: bool = False  # speech_started was sent
 
 
 class OpenAIRealtimeProtocol(Protocol):
@@ -46,12 +85,22 @@ class OpenAIRealtimeProtocol(Protocol):
         super().__init__(info)
         self.session_id = "sess_" + secrets.token_hex(8)
         self.turn_detection: dict[str, Any] | None = dict(DEFAULT_TURN_DETECTION)
+        self.vad_settings = VadSettings()
         self.transcription: dict[str, Any] = {"model": info.model}
+        self.beta = False  # the client spoke the beta dialect (transcription_session.update)
         self._event_ids = itertools.count(1)
         self._item_ids = itertools.count(1)
-        self.item_id: str | None = None  # the turn being transcribed, once a word came
+        self.open: Turn | None = None  # the turn speech is going into
+        self.ending_turn: Turn | None = None  # a turn whose speech ended, waiting for its last words
+        self.pending = ""  # text decoded while no turn was open: it goes to the next one
         self.previous_item_id: str | None = None
-        self.text = ""  # the current turn's transcript so far
+        self.appended = 0  # samples the client appended (24 kHz)
+        self.buffer_start_s = 0.0  # where the audio not yet committed begins
+        self.cleared_s = 0.0  # text for audio before this was discarded by input_audio_buffer.clear
+
+    @property
+    def mode(self) -> str | None:
+        return self.turn_detection["type"] if self.turn_detection is not None else None
 
     # ---- session description ------------------------------------------------------------------
     def _session(self) -> dict[str, Any]:
@@ -81,13 +130,36 @@ class OpenAIRealtimeProtocol(Protocol):
     def _turn_detection(self, value: Any, event: dict[str, Any]) -> Reply | None:
         """Apply a turn_detection setting; an error Reply when it is not one we do."""
         if value is None:
-            self.turn_detection = None
+            self.turn_detection, self.vad_settings = None, None
             return None
-        if isinstance(value, dict) and value.get("type") in ("server_vad", "semantic_vad"):
-            self.turn_detection = value
+        if not isinstance(value, dict) or value.get("type") not in ("server_vad", "semantic_vad"):
+            return self._error("invalid_value", "turn_detection must be null, server_vad or semantic_vad",
+                               event, "turn_detection")
+        if value["type"] == "semantic_vad":
+            eagerness = value.get("eagerness", "auto")
+            if eagerness not in EAGERNESS:
+                return self._error("invalid_value", "eagerness must be low, medium, high or auto", event,
+                                   "turn_detection.eagerness")
+            if not self.info.vad_heads:
+                return self._error("unsupported_value", "semantic_vad needs the model's end-of-turn heads, "
+                                   f"and the checkpoint served ({self.info.model}) has none: use server_vad, "
+                                   "or serve kyutai/stt-1b-en_fr-candle", event, "turn_detection.type")
+            self.turn_detection = {"type": "semantic_vad", "eagerness": eagerness}
+            self.vad_settings = VadSettings()  # speech still starts where the voice does
             return None
-        return self._error("invalid_value", "turn_detection must be null, server_vad or semantic_vad "
-                           "(both end turns with the model's end-of-turn heads)", event, "turn_detection")
+        threshold = value.get("threshold", 0.5)
+        padding = value.get("prefix_padding_ms", 300)
+        silence = value.get("silence_duration_ms", 500)
+        for name, number, low, high in (("threshold", threshold, 0.0, 1.0),
+                                        ("prefix_padding_ms", padding, 0, 10000),
+                                        ("silence_duration_ms", silence, 0, 10000)):
+            if isinstance(number, bool) or not isinstance(number, int | float) or not low <= number <= high:
+                return self._error("invalid_value", f"turn_detection.{name} must be a number from {low} to "
+                                   f"{high}", event, f"turn_detection.{name}")
+        self.turn_detection = {"type": "server_vad", "threshold": threshold, "prefix_padding_ms": padding,
+                               "silence_duration_ms": silence}
+        self.vad_settings = VadSettings(float(threshold), int(padding), int(silence))
+        return None
 
     def _transcription(self, value: Any) -> None:
         if isinstance(value, dict):
@@ -131,6 +203,7 @@ class OpenAIRealtimeProtocol(Protocol):
             if problem is not None:
                 return problem
         self._transcription(session.get("input_audio_transcription"))
+        self.beta = True
         return Reply([{"type": "transcription_session.updated", "session": self._beta_session()}])
 
     def _append(self, event: dict[str, Any]) -> Command:
@@ -145,6 +218,7 @@ class OpenAIRealtimeProtocol(Protocol):
         if len(pcm) % 2:
             return self._error("invalid_value", f"audio of {len(pcm)} bytes is not whole pcm16 samples",
                                event, "audio")
+        self.appended += len(pcm) // 2
         return AudioIn(np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0)
 
     def parse(self, message: str | bytes) -> list[Command]:
@@ -162,8 +236,10 @@ class OpenAIRealtimeProtocol(Protocol):
         if kind == "input_audio_buffer.commit":
             return [FlushIn(event.get("event_id"))]
         if kind == "input_audio_buffer.clear":
-            self.text, self.item_id = "", None
-            return [Reply([{"type": "input_audio_buffer.cleared"}])]
+            # Audio not yet committed is dropped: the open turn, and text still to come for it.
+            self.open, self.pending = None, ""
+            self.cleared_s = self.buffer_start_s = self.appended / SAMPLE_RATE
+            return [VadReset(), Reply([{"type": "input_audio_buffer.cleared"}])]
         if kind == "session.update":
             return [self._update(event)]
         if kind == "transcription_session.update":
@@ -171,52 +247,116 @@ class OpenAIRealtimeProtocol(Protocol):
         return [self._error("unsupported_event", f"event type {kind!r} is not supported by a "
                             "transcription session: use session.update and input_audio_buffer.*", event)]
 
-    # ---- engine events ------------------------------------------------------------------------
-    def _start_turn(self, start_s: float) -> list[Any]:
-        self.item_id = f"item_{self.session_id[5:]}_{next(self._item_ids)}"
-        if self.turn_detection is None:
-            return []
-        return [{"type": "input_audio_buffer.speech_started", "audio_start_ms": round(start_s * 1000),
-                 "item_id": self.item_id}]
+    # ---- turns ------------------------------------------------------------------------------
+    def _new_turn(self, start_s: float) -> Turn:
+        return Turn(f"item_{self.session_id[5:]}_{next(self._item_ids)}", start_s)
 
-    def _end_turn(self, end_ms: int | None) -> list[Any]:
-        """committed + completed for the current turn (an empty one when no word came)."""
-        out: list[Any] = []
-        if self.item_id is None:
-            self.item_id = f"item_{self.session_id[5:]}_{next(self._item_ids)}"
-        elif end_ms is not None and self.turn_detection is not None:
-            out.append({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": end_ms,
-                        "item_id": self.item_id})
-        out.append({"type": "input_audio_buffer.committed", "item_id": self.item_id,
-                    "previous_item_id": self.previous_item_id})
-        out.append({"type": "conversation.item.input_audio_transcription.completed", "item_id": self.item_id,
-                    "content_index": 0, "transcript": self.text,
-                    "usage": {"type": "duration", "seconds": 0}})
-        self.previous_item_id, self.item_id, self.text = self.item_id, None, ""
+    def _delta(self, turn: Turn, text: str) -> list[Any]:
+        delta = text if turn.text else text.lstrip()  # a turn starts with a word
+        if not delta:
+            return []
+        turn.text += delta
+        return [{"type": "conversation.item.input_audio_transcription.delta", "item_id": turn.item_id,
+                 "content_index": 0, "delta": delta}]
+
+    def _item(self, turn: Turn, status: str) -> dict[str, Any]:
+        content = {"type": "input_audio", "transcript": turn.text if status == "completed" else None}
+        return {"id": turn.item_id, "object": "realtime.item", "type": "message", "status": status,
+                "role": "user", "content": [content]}
+
+    def _complete(self, turn: Turn, end_s: float) -> list[Any]:
+        """committed, the item, then completed with the transcript and the seconds it covers."""
+        seconds = max(0.0, end_s - self.buffer_start_s)
+        self.buffer_start_s = max(self.buffer_start_s, end_s)
+        out: list[Any] = [{"type": "input_audio_buffer.committed", "item_id": turn.item_id,
+                           "previous_item_id": self.previous_item_id}]
+        if self.beta:
+            out.append({"type": "conversation.item.created", "previous_item_id": self.previous_item_id,
+                        "item": self._item(turn, "completed")})
+        else:
+            out.append({"type": "conversation.item.added", "previous_item_id": self.previous_item_id,
+                        "item": self._item(turn, "in_progress")})
+        out.append({"type": "conversation.item.input_audio_transcription.completed", "item_id": turn.item_id,
+                    "content_index": 0, "transcript": turn.text,
+                    "usage": {"type": "duration", "seconds": round(seconds, 3)}})
+        if not self.beta:
+            out.append({"type": "conversation.item.done", "previous_item_id": self.previous_item_id,
+                        "item": self._item(turn, "completed")})
+        self.previous_item_id = turn.item_id
         return out
 
+    def _stopped(self, turn: Turn, end_s: float) -> list[Any]:
+        turn.end_s = end_s
+        if not turn.announced:
+            return []
+        return [{"type": "input_audio_buffer.speech_stopped", "audio_end_ms": round(end_s * 1000),
+                 "item_id": turn.item_id}]
+
+    def on_vad(self, events: list[VadEvent]) -> list[Any]:
+        out: list[Any] = []
+        for event in events:
+            if isinstance(event, SpeechStarted) and self.open is None:
+                turn = self._new_turn(event.audio_start_ms / 1000)
+                turn.announced = True
+                self.open = turn
+                out.append({"type": "input_audio_buffer.speech_started",
+                            "audio_start_ms": event.audio_start_ms, "item_id": turn.item_id})
+                out += self._delta(turn, self.pending)
+                self.pending = ""
+            elif isinstance(event, SpeechStopped) and self.mode == "server_vad" and self.open is not None:
+                turn, self.open = self.open, None
+                previous = self.ending_turn
+                if previous is not None:  # (its words are all in by now in practice)
+                    out += self._complete(previous, previous.end_s or event.audio_end_ms / 1000)
+                out += self._stopped(turn, event.audio_end_ms / 1000)
+                self.ending_turn = turn  # completed once the model has decoded up to its end
+        return out
+
+    # ---- engine events ------------------------------------------------------------------------
     def render(self, events: list[Event], step: int, buffered: int) -> list[Any]:
         out: list[Any] = []
         for event in events:
             if isinstance(event, TextPiece):
-                delta = event.text if self.text else event.text.lstrip()  # a turn starts with a word
-                if not delta:
-                    continue
-                if self.item_id is None:
-                    out += self._start_turn(time_of(event.step, self.info.delay_steps))
-                out.append({"type": "conversation.item.input_audio_transcription.delta",
-                            "item_id": self.item_id, "content_index": 0, "delta": delta})
-                self.text += delta
-            elif isinstance(event, EndOfTurnProbs):
-                head = self.info.eot_head
-                if (self.turn_detection is not None and self.text and head < len(event.probs)
-                        and event.probs[head] >= self.info.eot_threshold):
-                    out += self._end_turn(round(time_of(event.step, self.info.delay_steps) * 1000))
+                at = self.clock(time_of(event.step, self.info.delay_steps))
+                if at < self.cleared_s:
+                    continue  # audio the client cleared
+                ending = self.ending_turn
+                if ending is not None and at < (ending.end_s or 0.0):
+                    out += self._delta(ending, event.text)
+                elif self.open is not None:
+                    out += self._delta(self.open, event.text)
+                elif self.mode is None:  # no turn detection: one turn until the commit
+                    self.open = self._new_turn(self.buffer_start_s)
+                    out += self._delta(self.open, event.text)
+                else:
+                    self.pending += event.text
+            elif isinstance(event, EndOfTurnProbs) and self.mode == "semantic_vad":
+                assert self.turn_detection is not None
+                head, threshold = EAGERNESS[self.turn_detection["eagerness"]]
+                if (self.open is not None and self.open.text and head < len(event.probs)
+                        and event.probs[head] >= threshold):
+                    turn, self.open = self.open, None
+                    end_s = self.clock(time_of(event.step, self.info.delay_steps))
+                    out += self._stopped(turn, end_s) + self._complete(turn, end_s)
+        decoded_to = self.clock(time_of(step, self.info.delay_steps))
+        ending = self.ending_turn
+        if ending is not None and decoded_to >= (ending.end_s or 0.0):
+            self.ending_turn = None
+            out += self._complete(ending, ending.end_s or decoded_to)
         return out
 
     def flushed(self, flush_id: Any) -> list[Any]:
-        """A commit: the model's delay was fed, every word is in; the turn ends here."""
-        return self._end_turn(None)
+        """A commit: the model's delay was fed, every word is in; the open turn ends here."""
+        end_s = self.appended / SAMPLE_RATE
+        out: list[Any] = []
+        if self.ending_turn is not None:
+            turn, self.ending_turn = self.ending_turn, None
+            out += self._complete(turn, turn.end_s or end_s)
+        turn = self.open or self._new_turn(self.buffer_start_s)
+        self.open = None
+        out += self._delta(turn, self.pending)
+        self.pending = ""
+        return out + self._complete(turn, end_s)
 
     def closing(self, code: int, reason: str, error: str | None) -> list[Any]:
         if error is None:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ...audio.pcm import BadAudio, decode_f32le
+from ...audio.vad import SpeechStopped, VadEvent, VadSettings
 from ...engine.events import EndOfTurnProbs, Event, TextPiece, Word, WordEnd
 from ...model.loader import SAMPLE_RATE
 from ..codes import Close
@@ -30,6 +31,10 @@ from .base import (
 # Numbered events kept for a resumed connection to replay, at most (with resume_keep_s, whichever
 # keeps fewer): minutes of dictation.
 MAX_REPLAY = 10_000
+# Pause each end-of-turn head predicts (s): the silence detector waits as long for the same head.
+HEAD_PAUSES_MS = (500, 1000, 2000, 3000)
+# How a session detects the end of a turn: the model's heads, silence on the audio, or not at all.
+TURN_DETECTION = ("model", "silence", "none")
 # Events that carry transcript or state: numbered (`seq`) and replayed after a resume.
 NUMBERED = frozenset({"text", "word", "word_end", "end_of_turn", "vad", "flushed"})
 
@@ -53,17 +58,26 @@ class V2Protocol(Protocol):
         self._resampler: Any = None  # soxr stream when sample_rate != 24 kHz
         self._eot_armed = False  # a word was heard since the last end_of_turn
         self.client_samples = 0  # samples taken from the client, at its own rate (for a resume)
+        self.turn_detection = ""  # set below: "model" with heads, "silence" without
+        self._set_turn_detection("model" if info.vad_heads else "silence")
+        self._silence_end: float | None = None  # where silence ended a turn (its words may lag)
         self.seq = 0  # the last event number given
         self._kept: deque[tuple[int, float, dict[str, Any]]] = deque()  # (seq, when, event)
 
     def _ready(self) -> dict[str, Any]:
         ready = {"type": "ready", "session_id": self.info.session_id, "model": self.info.model,
                  "delay": self.info.delay_s, "encoding": self.encoding,
-                 "sample_rate": self.sample_rate, "end_of_turn": self.info.vad_heads > 0,
-                 "vad_interval": self.vad_interval}
+                 "sample_rate": self.sample_rate, "end_of_turn": self.turn_detection != "none",
+                 "turn_detection": self.turn_detection, "vad_interval": self.vad_interval}
         if self.info.resume_token is not None:
             ready["resume_token"] = self.info.resume_token
         return ready
+
+    def _set_turn_detection(self, mode: str) -> None:
+        self.turn_detection = mode
+        # The silence detector waits as long as the configured head's pause.
+        pause = HEAD_PAUSES_MS[min(self.info.eot_head, len(HEAD_PAUSES_MS) - 1)]
+        self.vad_settings = VadSettings(0.5, 0, pause) if mode == "silence" else None
 
     def _number(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Give transcript and state events their `seq` and keep them for a replay."""
@@ -102,6 +116,7 @@ class V2Protocol(Protocol):
         encoding = msg.get("encoding", "f32")
         rate = msg.get("sample_rate", SAMPLE_RATE)
         interval = msg.get("vad_interval", self.vad_interval)
+        turns = msg.get("turn_detection", self.turn_detection)
         if encoding not in ("f32", "s16"):
             return Reject(Close.BAD_PAYLOAD, f"start: encoding must be 'f32' or 's16', got {encoding!r}",
                           "bad_start")
@@ -112,11 +127,18 @@ class V2Protocol(Protocol):
         if isinstance(interval, bool) or not isinstance(interval, int) or not 0 <= interval <= 1000:
             return Reject(Close.BAD_PAYLOAD, f"start: vad_interval must be 0-1000 steps, got {interval!r}",
                           "bad_start")
-        unknown = set(msg) - {"type", "encoding", "sample_rate", "vad_interval"}
+        if turns not in TURN_DETECTION:
+            return Reject(Close.BAD_PAYLOAD, f"start: turn_detection must be model, silence or none, "
+                          f"got {turns!r}", "bad_start")
+        if turns == "model" and not self.info.vad_heads:
+            return Reject(Close.BAD_PAYLOAD, f"start: turn_detection 'model' needs the end-of-turn heads, "
+                          f"which {self.info.model} has not: use 'silence'", "bad_start")
+        unknown = set(msg) - {"type", "encoding", "sample_rate", "vad_interval", "turn_detection"}
         if unknown:
             return Reject(Close.BAD_PAYLOAD, f"start: unknown field(s) {', '.join(sorted(unknown))}",
                           "bad_start")
         self.encoding, self.sample_rate, self.vad_interval = encoding, rate, interval
+        self._set_turn_detection(turns)
         if rate != SAMPLE_RATE:
             import soxr
 
@@ -175,13 +197,25 @@ class V2Protocol(Protocol):
                     out.append({"type": "vad", "probs": [round(p, 4) for p in event.probs],
                                 "time": time_of(event.step, delay)})
                 head = self.info.eot_head
-                if (self._eot_armed and head < len(event.probs)
+                if (self.turn_detection == "model" and self._eot_armed and head < len(event.probs)
                         and event.probs[head] >= self.info.eot_threshold):
                     self._eot_armed = False
-                    out.append({"type": "end_of_turn", "head": head,
+                    out.append({"type": "end_of_turn", "source": "model", "head": head,
                                 "probability": round(event.probs[head], 4),
                                 "time": time_of(event.step, delay)})
+        if self._silence_end is not None and self.clock(time_of(step, delay)) >= self._silence_end:
+            # The words up to the silence are decoded (the model lags the audio): the turn ends.
+            end, self._silence_end = self._silence_end, None
+            if self._eot_armed:
+                self._eot_armed = False
+                out.append({"type": "end_of_turn", "source": "silence", "time": round(end, 3)})
         return self._number(out)
+
+    def on_vad(self, events: list[VadEvent]) -> list[Any]:
+        for event in events:
+            if isinstance(event, SpeechStopped):
+                self._silence_end = event.audio_end_ms / 1000
+        return []
 
     def flushed(self, flush_id: Any) -> list[Any]:
         return self._number([{"type": "flushed", "id": flush_id}])
