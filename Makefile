@@ -78,14 +78,12 @@ gpu-check: setup
 	$(BIN)/python -m pinguin_daemon.bench.gpu_check --out bench-results/gpu.json $(GPU_CHECK_ARGS)
 
 # The latency harness: starts the daemon (batched, then the sequential baseline), ramps real-time
-# clients, writes bench-results/latency.{json,png}. On a Mac: make bench BENCH_MODEL=kyutai/stt-1b-en_fr-mlx
+# clients, writes bench-results/latency.{json,png}. On a Mac: make bench BENCH_MODEL=kyutai/stt-1b-en_fr-candle
 BENCH_MODEL ?= synthetic
-# auto: the batched MLX Mimi on a GPU, rustymimi on a CPU-only MLX; or mlx / rustymimi.
-BENCH_ENCODER ?= auto
 BENCH_ARGS ?= --max-sessions 8 --duration 20
 bench: setup
 	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen --inexact $(EXTRAS) --extra bench
-	$(BIN)/python -m pinguin_daemon.bench.latency --model $(BENCH_MODEL) --encoder $(BENCH_ENCODER) $(BENCH_ARGS)
+	$(BIN)/python -m pinguin_daemon.bench.latency --model $(BENCH_MODEL) $(BENCH_ARGS)
 
 # Fills launchd/ templates with this checkout's paths, validates, pre-downloads the model, loads it.
 # Under sudo (SYSTEM=1) the checkout is not set up again: files that root writes into .venv and

@@ -142,7 +142,7 @@ def cmd_check_model(args: argparse.Namespace) -> int:
     gen = models.LmGen(model.lm, max_steps=2, text_sampler=utils.Sampler(temp=0),
                        audio_sampler=utils.Sampler(temp=0))
     step_start = time.perf_counter()
-    token = gen.step(mx.array(codes[:, :, 0]).astype(mx.int32))
+    token, _ = gen.step(mx.array(codes[:, :, 0]).astype(mx.int32))
     mx.eval(token)
     print(f"smoke test      1 frame encoded, 1 LM step in "
           f"{(time.perf_counter() - step_start) * 1000:.0f} ms: OK")

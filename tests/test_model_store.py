@@ -82,11 +82,14 @@ def assert_one_sentence_error(proc: subprocess.CompletedProcess[str], *needles: 
         assert needle in proc.stderr, (needle, proc.stderr)
 
 
-def test_check_model_reports_the_checkpoint(synthetic_dir: Path) -> None:
-    proc = run_cli("check-model", str(synthetic_dir), "--dtype", "f32")
+def test_check_model_reports_the_checkpoint(synthetic_dir: Path, synthetic_candle_dir: Path) -> None:
+    proc = run_cli("check-model", str(synthetic_dir))
     assert proc.returncode == 0, proc.stderr
-    assert "SYNTHETIC" in proc.stdout and "4 VAD heads" in proc.stdout
+    assert "SYNTHETIC" in proc.stdout and "no VAD heads" in proc.stdout  # like the published -mlx
     assert "text delay 6 steps" in proc.stdout and "OK" in proc.stdout
+    assert "dtype f32" in proc.stdout and "BLAS " in proc.stdout  # auto: f32 on a CPU
+    candle = run_cli("check-model", str(synthetic_candle_dir))
+    assert candle.returncode == 0 and "4 VAD heads" in candle.stdout, candle.stderr
 
 
 def test_missing_tokenizer_is_named(synthetic_dir: Path, tmp_path: Path) -> None:

@@ -412,53 +412,39 @@ async def _with_progress(work: Any, progress: _Progress) -> Any:
     return task.result()
 
 
-def engine_alone_capacity(
-    model: str, utterances: list[Utterance], max_n: int, encoder: str, ticks: int = 40
-) -> dict[str, Any]:
-    """What the engine plus the Mimi encoders sustain without sockets: ms per tick for N streams
-    (N encodes on the worker threads then one batched step, or, with the mlx encoder, one step
-    that encodes and steps every stream), and the largest N under 80 ms."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def engine_alone_capacity(model: str, utterances: list[Utterance], max_n: int,
+                          ticks: int = 40) -> dict[str, Any]:
+    """What the engine sustains without sockets: ms per tick for N streams (one step that encodes
+    every stream's frame with the batched Mimi and steps the LM), and the largest N under 80 ms."""
+    from ..config import resolve_dtype
     from ..engine.core import EngineCore
     from ..engine.loop import mlx_device
     from ..model.loader import load_model
     from ..model.store import resolve
 
-    loaded = load_model(resolve(model), "bf16")
-    if encoder == "auto":
-        encoder = "mlx" if mlx_device() != "cpu" else "rustymimi"
+    loaded = load_model(resolve(model), resolve_dtype("auto", mlx_device()))
     pcm = np.concatenate([u.pcm for u in utterances])
     rows = []
     capacity = 0
     n = 1
     while n <= max_n:
-        core = EngineCore(loaded, n, encode_audio=encoder == "mlx")
-        encoders = [loaded.make_audio_tokenizer() for _ in range(n)] if encoder == "rustymimi" else []
+        core = EngineCore(loaded, n, encode_audio=True, fixed_shape=mlx_device() != "cpu")
         for i in range(n):
             core.join(f"s{i}")
-        pool = ThreadPoolExecutor(max_workers=min(n, os.cpu_count() or 1))
         times = []
         for t in range(ticks):
             start = time.perf_counter()
-            frame = pcm[(t * FRAME_SAMPLES) % (len(pcm) - FRAME_SAMPLES) :][:FRAME_SAMPLES][None, None]
-            if encoders:
-                codes = list(pool.map(lambda enc, f=frame: enc.encode_step(f)[0, :, 0], encoders))
-                for i, c in enumerate(codes):
-                    core.push(f"s{i}", c.astype(np.int64))
-            else:
-                for i in range(n):
-                    core.push(f"s{i}", frame[0, 0])
+            frame = pcm[(t * FRAME_SAMPLES) % (len(pcm) - FRAME_SAMPLES) :][:FRAME_SAMPLES]
+            for i in range(n):
+                core.push(f"s{i}", frame)
             core.step()
             times.append(time.perf_counter() - start)
-        pool.shutdown()
         ms = statistics.median(times[3:]) * 1000
         rows.append({"sessions": n, "tick_ms": round(ms, 1)})
         if ms <= 80:
             capacity = n
-        del encoders
         n *= 2
-    return {"encoder": encoder, "rows": rows, "capacity": capacity}
+    return {"rows": rows, "capacity": capacity}
 
 
 def main() -> None:
@@ -471,8 +457,6 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of speech per level")
     parser.add_argument("--no-baseline", action="store_true", help="skip the sequential baseline")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
-    parser.add_argument("--encoder", choices=("auto", "mlx", "rustymimi"), default="auto",
-                        help="the daemons' encoder setting (auto: mlx on a GPU, rustymimi on a CPU)")
     parser.add_argument(
         "--daemon-arg",
         action="append",
@@ -488,8 +472,7 @@ def main() -> None:
     engines = ["batched"] if (args.url or args.no_baseline) else ["batched", "sequential"]
     levels: list[Level] = []
     for engine in engines:
-        daemon = None if args.url else Daemon(args.model, args.max_sessions, engine,
-                                              [f"--encoder={args.encoder}", *args.daemon_arg])
+        daemon = None if args.url else Daemon(args.model, args.max_sessions, engine, args.daemon_arg)
         base = args.url or f"ws://127.0.0.1:{daemon.port}"  # type: ignore[union-attr]
         try:
             for n in ramp:
@@ -499,8 +482,7 @@ def main() -> None:
         finally:
             if daemon:
                 daemon.stop()
-    alone = None if args.url else engine_alone_capacity(args.model, utterances, args.max_sessions,
-                                                        args.encoder)
+    alone = None if args.url else engine_alone_capacity(args.model, utterances, args.max_sessions)
     capacity = {
         e: max([lv.sessions for lv in levels if lv.engine == e and lv.ok], default=0) for e in engines
     }

@@ -57,7 +57,8 @@ def reference_run(model: LoadedModel, codes: np.ndarray) -> ReferenceRun:
             mx.eval(token, heads)
             vad.append(tuple(float(h[0, 0, 0]) for h in heads))
         else:
-            token = gen.step(audio)
+            token, _ = gen.step(audio)  # (text tokens, transformer output)
+            mx.eval(token)
             vad.append(())
         tokens.append(int(np.array(token).reshape(-1)[0]))
     return ReferenceRun(tokens, vad)

@@ -56,7 +56,7 @@ class SequentialCore(EngineCore):
                 mx.eval(token, heads)
                 vad[row] = [float(h[0, 0, 0]) for h in heads]
             else:
-                token = gen.step(audio)
+                token, _ = gen.step(audio)  # (text tokens, transformer output)
             tokens[row] = int(np.array(token).reshape(-1)[0])
         return StepOutput(tokens=tokens, logits=None, vad=vad,
                           codes=codes if self.encoder is not None else None)
