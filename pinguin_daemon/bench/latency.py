@@ -228,7 +228,6 @@ class Level:
     server_p50_ms: float
     server_p99_ms: float
     step_mean_ms: float
-    encode_mean_ms: float  # Mimi encoding per call, also inside the server-added latency
     first_text_p50_s: float | None
     eos_final_no_flush_p50_s: float | None
     eos_final_flush_p50_s: float | None
@@ -366,7 +365,6 @@ def run_level(
         server_p50_ms=round(p50 * 1000, 1),
         server_p99_ms=round(p99 * 1000, 1),
         step_mean_ms=round(step_mean * 1000, 1),
-        encode_mean_ms=round(1000 * _mean_of(before, after, "pinguin_encoder_seconds"), 1),
         first_text_p50_s=_median([r.first_text_s for r in results if r.first_text_s is not None]),
         eos_final_no_flush_p50_s=_median([x for r in results for x in r.eos_to_final_s]),
         eos_final_flush_p50_s=_median([x for r in results for x in r.eos_to_final_flush_s]),
@@ -502,15 +500,15 @@ def main() -> None:
     (args.out / "latency.json").write_text(json.dumps(report, indent=2) + "\n")
     print()
     print(
-        "| engine | N | keeps up | ok | p50 ms | p99 ms | step ms | encode ms | first text s | "
+        "| engine | N | keeps up | ok | p50 ms | p99 ms | step ms | first text s | "
         "final word s (no flush / flush) | growth ms | dropped | RTF | CPU % | RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for lv in levels:
         print(
             f"| {lv.engine} | {lv.sessions} | {'yes' if lv.keeps_up else 'no'} | "
             f"{'yes' if lv.ok else 'no'} | {lv.server_p50_ms} | "
-            f"{lv.server_p99_ms} | {lv.step_mean_ms} | {lv.encode_mean_ms} | {lv.first_text_p50_s} | "
+            f"{lv.server_p99_ms} | {lv.step_mean_ms} | {lv.first_text_p50_s} | "
             f"{lv.eos_final_no_flush_p50_s} / {lv.eos_final_flush_p50_s} | {lv.latency_growth_max_ms} | "
             f"{lv.samples_dropped} | {lv.real_time_factor} | {lv.cpu_percent} | {lv.rss_mb} |"
         )
@@ -530,7 +528,7 @@ def main() -> None:
 def _row(lv: Level) -> str:
     return (
         f"{lv.engine:<10} N={lv.sessions:<3} {'OK ' if lv.ok else 'NO '} server p50 {lv.server_p50_ms} ms "
-        f"p99 {lv.server_p99_ms} ms, step {lv.step_mean_ms} ms, encode {lv.encode_mean_ms} ms, "
+        f"p99 {lv.server_p99_ms} ms, step {lv.step_mean_ms} ms (Mimi + LM), "
         f"RTF {lv.real_time_factor}, growth {lv.latency_growth_max_ms} ms, "
         f"dropped {lv.samples_dropped}, CPU {lv.cpu_percent}%, RSS {lv.rss_mb} MB"
     )

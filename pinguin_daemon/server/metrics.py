@@ -39,9 +39,6 @@ class Metrics:
         self.frames_in_flight = Histogram(
             "pinguin_frames_in_flight", "Frames of a session queued for the engine (lag), at each submit",
             registry=r, buckets=(1, 2, 3, 4, 8))
-        self.encoder_seconds = Histogram(
-            "pinguin_encoder_seconds", "Mimi encoding time per call (one or more frames)", registry=r,
-            buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64))
         self.server_latency = Histogram(
             "pinguin_server_added_latency_seconds",
             "From the arrival of the message completing an audio frame to its step's output leaving",
