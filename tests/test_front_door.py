@@ -125,7 +125,7 @@ def test_wyoming_needs_an_allowed_address_when_tokens_are_set(daemon: DaemonProc
     refused, info = asyncio.run(scenario())
     assert refused == []  # closed at once, before any event was read
     assert info is not None and info.type == "info"
-    [line] = [r for r in daemon.events("wyoming_refused") if r["peer"] == "127.0.0.2"]
+    [line] = [r for r in daemon.wait_event("wyoming_refused") if r["peer"] == "127.0.0.2"]
     assert "wyoming_allow" in str(line["reason"])
 
 

@@ -286,25 +286,27 @@ def print_tables(rows: list[Row], encoder_rows: list[EncoderRow],
         print(f"| {r.shape} | {r.dtype} | {r.streams} | {r.batched_ms} | {r.baseline_ms} | "
               f"{r.batched_vs_baseline} | x{r.speedup} | {r.token_agreement:.2%} |")
     if comparisons:
-        print("\n| model | LM dtype | streams | engine: batched Mimi + LM ms/tick | rustymimi: one per "
-              "stream, encode only ms/tick | rustymimi per stream | engine / rustymimi |")
-        print("|---|---|---|---|---|---|---|")
-        for c in comparisons:
-            print(f"| {c.shape} | {c.dtype} | {c.streams} | {c.engine_ms} | {c.rustymimi_ms} | "
-                  f"{c.rustymimi_per_stream_ms} | {c.ratio} |")
+        _table(["model", "LM dtype", "streams", "engine: batched Mimi + LM ms/tick",
+                "rustymimi: one per stream, encode only ms/tick", "rustymimi per stream",
+                "engine / rustymimi"],
+               [[c.shape, c.dtype, c.streams, c.engine_ms, c.rustymimi_ms, c.rustymimi_per_stream_ms, c.ratio]
+                for c in comparisons])
     if encoder_rows:
-        print("\n| model | encoder | slots | active | step | ms/tick |")
-        print("|---|---|---|---|---|---|")
-        for e in encoder_rows:
-            step = "fixed shape" if e.fixed_shape else "compacted"
-            print(f"| {e.shape} | {e.encoder} | {e.slots} | {e.active} | "
-                  f"{step if e.encoder == 'mlx' else 'one per stream, encode only'} | {e.tick_ms} |")
+        _table(["model", "encoder", "slots", "active", "step", "ms/tick"],
+               [[e.shape, e.encoder, e.slots, e.active,
+                 ("fixed shape" if e.fixed_shape else "compacted") if e.encoder == "mlx"
+                 else "one per stream, encode only", e.tick_ms] for e in encoder_rows])
     if goals:
-        print("\n| target (issue 21) | model | dtype | measured | at most | met |")
-        print("|---|---|---|---|---|---|")
-        for g in goals:
-            met = "yes" if g.met else "NO"
-            print(f"| {g.what} | {g.shape} | {g.dtype} | {g.measured} | {g.limit} | {met} |")
+        _table(["target (issue 21)", "model", "dtype", "measured", "at most", "met"],
+               [[g.what, g.shape, g.dtype, g.measured, g.limit, "yes" if g.met else "NO"] for g in goals])
+
+
+def _table(header: list[str], rows: list[list[object]]) -> None:
+    """A Markdown table on stdout, after a blank line."""
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
 
 
 def main() -> None:
