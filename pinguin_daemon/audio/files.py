@@ -10,6 +10,7 @@ yields pieces so that the caller bounds what a file may claim to hold.
 from __future__ import annotations
 
 import io
+import threading
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,8 @@ PIECE_SECONDS = 2.0
 class AudioFile:
     """One uploaded file, opened and checked; `next_piece` decodes the next part.
 
-    Not thread-safe: call it from one thread at a time (any thread).
+    Call `next_piece` from one thread at a time (any thread). `close` may come from any thread: it
+    waits for a piece being decoded (FFmpeg must never free the container under a decode).
     """
 
     def __init__(self, data: bytes) -> None:
@@ -53,13 +55,7 @@ class AudioFile:
             if not self.container.streams.audio:
                 raise BadAudio("the file has no audio stream")
             stream = self.container.streams.audio[0]
-            rate = int(stream.codec_context.sample_rate or 0)
-            channels = int(stream.codec_context.channels or 0)
-            if not RATES[0] <= rate <= RATES[1]:
-                raise BadAudio(f"the audio's sample rate is {rate} Hz: a recording has {RATES[0]} to "
-                               f"{RATES[1]} Hz")
-            if not 1 <= channels <= MAX_CHANNELS:
-                raise BadAudio(f"the audio has {channels} channels: a recording has 1 to {MAX_CHANNELS}")
+            _check_shape(int(stream.codec_context.sample_rate or 0), int(stream.codec_context.channels or 0))
             # What the container claims, when it says (checked again while decoding).
             duration = stream.duration * stream.time_base if stream.duration and stream.time_base else None
             self.claimed_seconds = float(duration) if duration is not None else None
@@ -68,6 +64,11 @@ class AudioFile:
             raise
         self.resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         self._frames = self.container.decode(audio=0)
+        # (format, layout, rate) of the first decoded frame: the resampler is set up for it, and a
+        # frame's own rate is what gets resampled (it is checked again, as the header was).
+        self._shape: tuple[str, str, int] | None = None
+        self._lock = threading.Lock()  # held by next_piece and close
+        self.closed = False
         self.done = False
         self.samples_out = 0  # decoded samples handed out so far (24 kHz)
 
@@ -79,8 +80,19 @@ class AudioFile:
                 longer than the limit is not decoded further; the caller sees `samples_out`).
 
         Raises:
-            BadAudio: the file is damaged, or decodes to NaN or infinite samples.
+            BadAudio: the file is damaged, changes its rate or channels mid-stream, or decodes to
+                NaN or infinite samples.
         """
+        with self._lock:
+            if self.closed:
+                raise BadAudio("the file was closed")
+            samples = self._decode(max_samples)
+        if not np.isfinite(samples).all():
+            raise BadAudio("the decoded audio has NaN or infinite samples")
+        self.samples_out += len(samples)
+        return samples
+
+    def _decode(self, max_samples: int) -> np.ndarray:
         import av
 
         parts: list[np.ndarray] = []
@@ -89,6 +101,8 @@ class AudioFile:
         try:
             while got < want and not self.done and self.samples_out + got <= max_samples:
                 frame = next(self._frames, None)
+                if frame is not None:
+                    self._check_frame(frame)
                 outs = self.resampler.resample(frame)  # None flushes the resampler
                 if frame is None:
                     self.done = True
@@ -96,16 +110,37 @@ class AudioFile:
                     piece = out.to_ndarray().reshape(-1)
                     parts.append(piece)
                     got += len(piece)
+        except BadAudio:
+            raise
         except av.FFmpegError as exc:
             raise BadAudio(f"cannot decode the file as audio ({exc.strerror or exc})") from None
-        samples = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
-        if not np.isfinite(samples).all():
-            raise BadAudio("the decoded audio has NaN or infinite samples")
-        self.samples_out += len(samples)
-        return samples
+        except ValueError as exc:  # PyAV's own checks on a frame it cannot convert
+            raise BadAudio(f"cannot decode the file as audio ({exc})") from None
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+    def _check_frame(self, frame: Any) -> None:
+        shape = (frame.format.name, frame.layout.name, int(frame.sample_rate))
+        if self._shape is None:
+            _check_shape(shape[2], int(frame.layout.nb_channels))
+            self._shape = shape
+        elif shape != self._shape:
+            raise BadAudio(f"the audio changes mid-stream from {self._shape[2]} Hz {self._shape[1]} to "
+                           f"{shape[2]} Hz {shape[1]}: convert it to one rate and channel layout first")
 
     def close(self) -> None:
-        self.container.close()
+        """Free the container; waits for a piece being decoded on another thread. Idempotent."""
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                self.container.close()
+
+
+def _check_shape(rate: int, channels: int) -> None:
+    """A rate and channel count any recording has, else BadAudio saying which is off."""
+    if not RATES[0] <= rate <= RATES[1]:
+        raise BadAudio(f"the audio's sample rate is {rate} Hz: a recording has {RATES[0]} to {RATES[1]} Hz")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise BadAudio(f"the audio has {channels} channels: a recording has 1 to {MAX_CHANNELS}")
 
 
 def decode_audio_file(data: bytes, max_seconds: float = 3600.0) -> np.ndarray:

@@ -6,10 +6,14 @@ the daemon serves its one model), `language` (en, fr or absent), `response_forma
 verbose_json, srt, vtt), `timestamp_granularities[]` (word, segment), `stream` (true: Server-Sent
 Events `transcript.text.delta` as words are decoded, then `transcript.text.done`).
 
-A request is a gateway session like a live stream: the slot is taken before the body is read (503
-with Retry-After when every slot is busy), the body is read with a bound (`max_upload_bytes`: 413)
-and the idle timeout, the file is decoded a piece at a time into the session as fast as the engine
-steps it, up to `max_upload_seconds` (413), and a client that leaves frees the slot at once.
+A request is a gateway session like a live stream. Before its slot is taken: a web page's
+`Origin` must be allowed (403), the token (401), no `Content-Encoding` (415: a compressed body
+would escape the size bound), a declared length within the bound (413). Then the slot (503 with
+Retry-After when every slot is busy); the body is read with bounds on its bytes, parts and pace
+(upload.py: 413, 400, 408) and the idle timeout; the file is decoded a piece at a time, on worker
+threads, into the session as fast as the engine steps it, up to `max_upload_seconds` (413); with
+`stream=true` the slot goes back once the audio is transcribed, however slowly the client reads;
+and a client that leaves frees the slot at once.
 """
 
 from __future__ import annotations
@@ -21,16 +25,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
 from ..audio.files import AudioFile
 from ..audio.pcm import BadAudio
 from ..engine.events import EndOfTurnProbs, Event, TextPiece, Word, WordEnd
 from ..logs import get_logger
 from ..model.loader import SAMPLE_RATE
+from .auth import origin_allowed
 from .codes import Close
 from .gateway import Gateway, Refused
 from .session import Ending, Session
+from .upload import MULTIPART_SLACK, BoundedBody, Stop, read_form
 
 log = get_logger("http_api")
 
@@ -39,24 +45,18 @@ FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 LANGUAGES = {"en": "english", "fr": "french"}
 # A segment of srt/vtt/verbose_json ends at an end of turn, or after this many words.
 SEGMENT_WORDS = 12
-# Largest text field of the form (model, language, ...).
-MAX_FIELD_BYTES = 4096
-# Multipart boundaries and headers around the file, on top of max_upload_bytes.
-MULTIPART_SLACK = 64 * 1024
-READ_CHUNK = 64 * 1024
 # Seconds an idle keep-alive connection stays open.
 KEEPALIVE_S = 10.0
+# Seconds one Server-Sent Event may wait for a client that does not read (then the connection is
+# aborted); the slot is already free by then.
+SSE_WRITE_S = 10.0
 MODEL_CREATED = 1735689600  # 2025-01-01: Kyutai STT's public release, for /v1/models
 
 T = TypeVar("T")
 
 
-class Stop(Exception):
-    """Ends a request with an OpenAI-shaped error."""
-
-    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
+class Gone(Exception):
+    """The client of a Server-Sent Events response left or stopped reading: the response ends."""
 
 
 def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict[str, Any]:
@@ -162,17 +162,23 @@ def subtitles(t: FileTranscript, kind: str) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-@dataclass
-class Form:
-    """The multipart request, read."""
-
-    data: bytes = b""
-    filename: str = ""
-    fields: dict[str, list[str]] = field(default_factory=dict)
-
-    def get(self, name: str, default: str = "") -> str:
-        values = self.fields.get(name)
-        return values[-1] if values else default
+async def in_worker(fn: Callable[..., T], *args: Any, orphan: Callable[[T], Any] | None = None) -> T:
+    """`fn(*args)` on the default executor. A thread cannot be stopped: a caller cancelled
+    meanwhile still waits for the call to end (the container it decodes must not be freed under
+    it), hands what it returned to `orphan` (in a worker too), then is cancelled."""
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(None, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            try:
+                await asyncio.wait({future})
+            except asyncio.CancelledError:  # cancelled again: the thread still runs
+                continue
+        if not future.cancelled() and future.exception() is None and orphan is not None:
+            await in_worker(orphan, future.result())
+        raise
 
 
 class FileApi:
@@ -255,6 +261,13 @@ class FileApi:
             "Access-Control-Max-Age": "600"})
 
     def _unauthorized(self, request: web.Request) -> web.Response | None:
+        """403 for a web page whose origin may not use the API (a cross-site form POST needs no
+        preflight), 401 without the token; None when the request may go on."""
+        if not origin_allowed(request.headers, self.allowed_origins):
+            log.warning("origin_refused", path=request.path, peer=request.remote or "",
+                        origin=request.headers.get("Origin", "")[:200])
+            return _error(403, "this web origin may not use the API: add it to allowed_origins",
+                          "origin_not_allowed")
         if self.authorized(request.headers, request.query_string):
             return None
         log.warning("unauthorized", path=request.path, peer=request.remote or "")
@@ -281,6 +294,11 @@ class FileApi:
         refused = self._unauthorized(request)
         if refused is not None:
             return refused
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding != "identity":  # aiohttp would inflate it past every bound checked here
+            return _error(415, f"Content-Encoding '{encoding[:40]}' is not accepted: send the form "
+                               "uncompressed (audio files are compressed already)",
+                          "unsupported_content_encoding")
         declared = request.content_length
         if declared is not None and declared > self.max_upload_bytes + MULTIPART_SLACK:
             return self._too_big()
@@ -307,64 +325,10 @@ class FileApi:
         return _error(413, f"the upload is larger than max_upload_bytes ({self.max_upload_bytes} bytes)",
                       "file_too_large", "file")
 
-    async def _race(self, session: Session, work: Awaitable[T]) -> T:
-        """`work`, unless the session is interrupted first (idle client, daemon draining)."""
-        task = asyncio.ensure_future(work)
-        interrupted = asyncio.ensure_future(session.interrupted.wait())
-        try:
-            await asyncio.wait({task, interrupted}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            interrupted.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        ending = session.interruption
-        assert ending is not None
-        if ending.error == "idle":
-            raise Stop(408, ending.reason, "idle")
-        raise Stop(503, "the server is shutting down; try again shortly", "server_unavailable")
-
-    async def _read_form(self, request: web.Request, session: Session) -> Form:
-        """The multipart body, bounded: the file up to max_upload_bytes, fields up to MAX_FIELD_BYTES."""
-        form = Form()
-        try:
-            reader = await request.multipart()
-        except (AssertionError, ValueError, KeyError):
-            raise Stop(400, "send the audio as multipart/form-data with a 'file' field", "invalid_request",
-                       "file") from None
-        while True:
-            part = await self._race(session, reader.next())
-            if part is None:
-                return form
-            if not isinstance(part, BodyPartReader):
-                raise Stop(400, "nested multipart bodies are not accepted", "invalid_request")
-            name = part.name or ""
-            bound = self.max_upload_bytes if name == "file" else MAX_FIELD_BYTES
-            chunks: list[bytes] = []
-            size = 0
-            while chunk := await self._race(session, part.read_chunk(READ_CHUNK)):
-                session.heard()
-                size += len(chunk)
-                if size > bound:
-                    if name == "file":
-                        raise Stop(413, f"the upload is larger than max_upload_bytes "
-                                        f"({self.max_upload_bytes} bytes)", "file_too_large", "file")
-                    raise Stop(400, f"form field '{name}' is longer than {MAX_FIELD_BYTES} bytes",
-                               "invalid_value", name)
-                chunks.append(chunk)
-            body = b"".join(chunks)
-            if name == "file":
-                form.data, form.filename = body, part.filename or "audio"
-            else:
-                try:
-                    form.fields.setdefault(name, []).append(body.decode())
-                except UnicodeDecodeError:
-                    raise Stop(400, f"form field '{name}' is not UTF-8 text", "invalid_value", name) from None
-
     async def _transcribe(self, request: web.Request, session: Session,
                           transcript: FileTranscript) -> web.StreamResponse:
-        form = await self._read_form(request, session)
-        if not form.data and "file" not in form.fields:
+        form = await read_form(request.headers, BoundedBody(request.content, session, self.max_upload_bytes))
+        if not form.data:
             raise Stop(400, "a multipart field 'file' with the audio is required", "missing_file", "file")
         response_format = form.get("response_format", "json")
         if response_format not in FORMATS:
@@ -380,9 +344,8 @@ class FileApi:
             raise Stop(400, "stream=true answers Server-Sent Events: response_format must be json or text",
                        "invalid_value", "stream")
         granularities = form.fields.get("timestamp_granularities[]", [])
-        loop = asyncio.get_running_loop()
         try:
-            audio = await loop.run_in_executor(None, AudioFile, form.data)
+            audio = await in_worker(AudioFile, form.data, orphan=AudioFile.close)
         except BadAudio as exc:
             raise Stop(400, f"{form.filename}: {exc}", "invalid_file", "file") from None
         try:
@@ -395,7 +358,7 @@ class FileApi:
             started = time.perf_counter()
             partial = await self._feed(session, audio, form.filename)
         finally:
-            audio.close()
+            await in_worker(audio.close)
         seconds = audio.samples_out / SAMPLE_RATE
         log.bind(session_id=session.id).info(
             "file_transcribed", filename=form.filename, audio_s=round(seconds, 2), format=response_format,
@@ -405,7 +368,6 @@ class FileApi:
 
     async def _feed(self, session: Session, audio: AudioFile, filename: str) -> str:
         """Decode the file into the session, then flush; "" or why the transcript stops early."""
-        loop = asyncio.get_running_loop()
         limit = int(self.max_upload_seconds * SAMPLE_RATE)
         partial = ""
         while not audio.done:
@@ -413,7 +375,7 @@ class FileApi:
                 partial = "server shutting down"
                 break
             try:
-                piece = await loop.run_in_executor(None, audio.next_piece, limit)
+                piece = await in_worker(audio.next_piece, limit)
             except BadAudio as exc:
                 raise Stop(400, f"{filename}: {exc}", "invalid_file", "file") from None
             if audio.samples_out > limit:
@@ -445,7 +407,9 @@ class FileApi:
 
     async def _stream(self, request: web.Request, session: Session, transcript: FileTranscript,
                       audio: AudioFile, filename: str) -> web.StreamResponse:
-        """Server-Sent Events: a delta per piece of text as it is decoded, then the whole text."""
+        """Server-Sent Events: a delta per piece of text as it is decoded, then the whole text. The
+        slot goes back as soon as the audio is transcribed: what is left is writing, each event
+        within SSE_WRITE_S, else the connection is aborted."""
         deltas: asyncio.Queue[str | None] = asyncio.Queue()
         transcript.deltas = deltas
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -455,8 +419,19 @@ class FileApi:
             response.headers["Access-Control-Allow-Origin"] = origin
         await response.prepare(request)
 
+        async def write(data: bytes) -> None:
+            try:
+                async with asyncio.timeout(SSE_WRITE_S):
+                    await response.write(data)
+            except TimeoutError:
+                if request.transport is not None:
+                    request.transport.abort()
+                raise Gone from None
+            except ConnectionError:
+                raise Gone from None
+
         async def send(event: dict[str, Any]) -> None:
-            await response.write(f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
+            await write(f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
 
         async def forward() -> None:
             while (delta := await deltas.get()) is not None:
@@ -464,18 +439,30 @@ class FileApi:
 
         forwarder = asyncio.create_task(forward())
         try:
-            await self._feed(session, audio, filename)
-            deltas.put_nowait(None)
-            await forwarder
-            seconds = audio.samples_out / SAMPLE_RATE
-            await send({"type": "transcript.text.done", "text": transcript.text,
-                        "usage": {"type": "duration", "seconds": round(seconds, 3)}})
-        except Stop as stop:  # the status line is gone: the error is an event (the SDK raises it)
-            forwarder.cancel()
-            session.ending = Ending(Close.BAD_PAYLOAD, stop.message, stop.code)
-            await send({"type": "error", **error_body(stop.status, stop.message, stop.code, stop.param)})
+            try:
+                await self._feed(session, audio, filename)
+            except Stop as stop:  # the status line is gone: the error is an event (the SDK raises it)
+                session.ending = Ending(Close.BAD_PAYLOAD, stop.message, stop.code)
+                last = {"type": "error", **error_body(stop.status, stop.message, stop.code, stop.param)}
+                forwarder.cancel()
+            else:
+                session.ending = session.ending or Ending(Close.NORMAL, "transcribed")
+                last = {"type": "transcript.text.done", "text": transcript.text,
+                        "usage": {"type": "duration", "seconds": round(audio.samples_out / SAMPLE_RATE, 3)}}
+                deltas.put_nowait(None)
+            self.gateway.close(session)  # the transcript is whole: the slot is free for others
+            if last["type"] == "error":
+                await asyncio.gather(forwarder, return_exceptions=True)
+            else:
+                await forwarder  # every delta, then the whole text
+            await send(last)
+            await write(b"data: [DONE]\n\n")
+            async with asyncio.timeout(SSE_WRITE_S):
+                await response.write_eof()
+        except (Gone, TimeoutError, ConnectionError):
+            session.ending = session.ending or Ending(1006, "client stopped reading")
+            if request.transport is not None:
+                request.transport.abort()
         finally:
             forwarder.cancel()
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
         return response
