@@ -7,6 +7,8 @@
   the main port; past `max_connections`, the main port still takes HEALTH_RESERVE connections that
   may only ask `/healthz`, `/readyz` or `/metrics`. Anything beyond is closed at once.
 - A connection that sends nothing for FIRST_BYTES_S after it is accepted is closed.
+- A closed connection leaves the budget within CLOSE_S (`close_soon`), even when its peer never
+  reads what was still buffered for it.
 - The soft descriptor limit is raised to the hard one at start (macOS launchd's default soft
   limit is 256); the budget shrinks to fit what the system allows.
 """
@@ -31,6 +33,8 @@ HEALTH_RESERVE = 16
 FD_RESERVE = 128
 # A client that connects and sends nothing for this long is closed (handshakes, idle sockets).
 FIRST_BYTES_S = 10.0
+# A connection closed with output still unsent gets this long to take it, then it is aborted.
+CLOSE_S = 5.0
 # Never ask for more descriptors than this (macOS refuses RLIM_INFINITY as a soft limit).
 MAX_NOFILE = 1 << 20
 
@@ -184,6 +188,17 @@ async def serve_gated(factory: Any, sock: socket.socket, budget: ConnectionBudge
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: GatedProtocol(factory(), budget, port), sock=sock, ssl=ssl,
                                     ssl_handshake_timeout=FIRST_BYTES_S if ssl is not None else None)
+
+
+def close_soon(transport: asyncio.WriteTransport) -> None:
+    """Close a connection, and abort it if it is still there CLOSE_S later.
+
+    A close waits until the write buffer is empty before the connection is lost (uvloop, asyncio):
+    a peer that never reads would keep it, and its place in the budget, forever. An abort of a
+    connection already lost does nothing.
+    """
+    transport.close()
+    asyncio.get_running_loop().call_later(CLOSE_S, transport.abort)
 
 
 def close_quietly(sock: socket.socket | None) -> None:

@@ -9,7 +9,9 @@ stream is a gateway session like any other: same slots, same text, same guards.
 
 Every failure (busy, idle, bad audio or event, unsupported language) is an `error` event and the
 connection closes, so every Home Assistant version sees the end. Events are read with bounds
-(header, data and payload sizes) before any of their bytes are kept.
+(header, data and payload sizes) before any of their bytes are kept. A client that leaves what it
+was sent unread for DRAIN_S is cut off (the connection is aborted), and a connection holds its
+place in the side ports' budget only to stream audio: without a stream it ends after QUIET_S.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..engine.events import Event as EngineEvent
 from ..logs import get_logger
 from ..model.loader import SAMPLE_RATE
 from .codes import Close
+from .connections import close_soon
 from .gateway import Gateway, Refused
 from .session import Ending, Session
 
@@ -45,11 +48,15 @@ MAX_PAYLOAD_BYTES = 1 << 20  # one event's binary payload (an audio chunk)
 RATES = (8000, 48000)
 WIDTHS = (1, 2, 4)
 MAX_CHANNELS = 8
-# A connection with no stream that sends nothing for this long is closed (Home Assistant opens
-# one connection per utterance; an idle socket only holds a descriptor).
+# A connection without a stream is closed this long after it connected or its last stream
+# ended, whatever else it sends (`describe` included): Home Assistant opens one connection per
+# utterance and one per `describe`, so a longer one only holds a place in the connection budget.
 QUIET_S = 10.0
-# Text waiting for a client that does not read (the transport's buffer) before the stream ends.
+# Output a client has not read yet (the transport's buffer) before writes wait for it.
 MAX_UNREAD_BYTES = 64 * 1024
+# How long a write waits for a client to read: past it the client is cut off (aborted).
+DRAIN_S = 2.0
+NOT_READING = "not_reading"
 WIRE_VERSION = "1.5.0"
 # After an error, how long what the client still sends is read and dropped before the close.
 LINGER_S = 2.0
@@ -181,9 +188,14 @@ class WyomingStream:
         self.pieces: list[str] = []
         self.session: Session | None = None
         self.turn_over = False  # the model's heads say the speaker has finished
+        # The stream ended (its transcript sent, or it failed): steps still in flight then are
+        # dropped, never written after `transcript-stop` (into the next utterance's events).
+        self.ended = False
 
     def on_step(self, events: list[EngineEvent], step: int, buffered: int) -> bool:
         sent = False
+        if self.ended:
+            return sent
         for event in events:
             if isinstance(event, EndOfTurnProbs):
                 head, threshold = self.eot
@@ -220,6 +232,9 @@ class WyomingConnection:
         self.ended_early = False  # the transcript went out at the end of turn: audio until audio-stop is moot
         self._read: asyncio.Future[Event | None] | None = None  # the event being read
         self._interrupted: asyncio.Future[Any] | None = None  # the stream's session interruption
+        self._loop = asyncio.get_running_loop()
+        self._quiet_from = self._loop.time()  # when the connection last had a stream (QUIET_S)
+        writer.transport.set_write_buffer_limits(high=MAX_UNREAD_BYTES)  # drain() waits past it
 
     def write(self, event: Event) -> None:
         self.writer.write(encode(event))
@@ -230,8 +245,12 @@ class WyomingConnection:
         except WyomingFailure as exc:
             log.warning("wyoming_error", peer=self.peer, code=exc.code, error=exc.text)
             self._end_stream(Ending(exc.close, exc.text, exc.code))
-            await self._say(Error(text=exc.text, code=exc.code).event())
-            await self._linger()
+            if exc.code == NOT_READING:  # an error event would wait behind what it never read
+                self.writer.transport.abort()
+            else:
+                await self._stop_reading()
+                if await self._say(Error(text=exc.text, code=exc.code).event()):
+                    await self._linger()
         except (ConnectionError, asyncio.IncompleteReadError):
             self._end_stream(Ending(1006, "connection lost"))
         finally:
@@ -239,7 +258,17 @@ class WyomingConnection:
             for future in (self._read, self._interrupted):
                 if future is not None:
                     future.cancel()
-            self.writer.close()
+            close_soon(self.writer.transport)
+
+    async def _stop_reading(self) -> None:
+        """Cancel the event being read (an interruption came first), and wait until it has let go
+        of the reader: the stream reader allows one reader at a time."""
+        read, self._read = self._read, None
+        if read is not None:
+            read.cancel()
+            await asyncio.wait({read})
+            if not read.cancelled():
+                read.exception()  # retrieved: it is moot now
 
     async def _linger(self) -> None:
         """After an error: end our side, then read and drop what the client still sends (for a
@@ -250,15 +279,21 @@ class WyomingConnection:
             async with asyncio.timeout(LINGER_S):
                 while await self.reader.read(READ_CHUNK):
                     pass
-        except (TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError):
-            pass
+        except (TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError, RuntimeError):
+            pass  # RuntimeError: the transport is gone already (a cut)
 
-    async def _say(self, event: Event) -> None:
+    async def _say(self, event: Event) -> bool:
+        """Write a last event and wait (DRAIN_S at most) for the client to take it; False when it
+        did not (then the connection is aborted) or is gone."""
         try:
             self.write(event)
-            await asyncio.wait_for(self.writer.drain(), 5)
-        except (ConnectionError, TimeoutError):
+            await asyncio.wait_for(self.writer.drain(), DRAIN_S)
+            return True
+        except TimeoutError:
+            self.writer.transport.abort()
+        except (ConnectionError, RuntimeError):  # RuntimeError: the transport is gone (a cut)
             pass
+        return False
 
     async def _next(self) -> Event | None:
         """The next event; while a stream is open, its session's interruption (drain, idle)
@@ -270,15 +305,15 @@ class WyomingConnection:
             if self._interrupted is None:
                 self._interrupted = asyncio.ensure_future(self.stream.session.interrupted.wait())
             waits.add(self._interrupted)
-        done, _ = await asyncio.wait(waits, timeout=None if self.stream else QUIET_S,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        quiet = None if self.stream else max(0.0, self._quiet_from + QUIET_S - self._loop.time())
+        done, _ = await asyncio.wait(waits, timeout=quiet, return_when=asyncio.FIRST_COMPLETED)
         if self._read in done:
             read, self._read = self._read, None
             return read.result()
         if self._interrupted is not None and self._interrupted in done:
             await self._interrupted_stream()
             return None
-        log.info("wyoming_quiet", peer=self.peer, seconds=QUIET_S)  # nothing for QUIET_S: close
+        log.info("wyoming_quiet", peer=self.peer, seconds=QUIET_S)  # no stream for QUIET_S: close
         return None
 
     async def _serve(self) -> None:
@@ -300,6 +335,8 @@ class WyomingConnection:
                     await self._chunk(event)
                     if self.stream.turn_over:
                         self._finish_at_end_of_turn()
+                elif self.ended_early:  # the utterance goes on until audio-stop (QUIET_S)
+                    self._quiet_from = self._loop.time()
             elif AudioStop.is_type(event.type):
                 if self.ended_early:  # its transcript is out already
                     self.ended_early = False
@@ -312,15 +349,13 @@ class WyomingConnection:
             await self._drain()
 
     async def _drain(self) -> None:
-        transport = self.writer.transport
-        if self.stream is not None and transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
-            try:
-                await asyncio.wait_for(self.writer.drain(), 2)
-            except TimeoutError:
-                raise WyomingFailure("not_reading", "the client is not reading its transcript",
-                                     Close.POLICY) from None
-        else:
-            await self.writer.drain()
+        """Wait while more than MAX_UNREAD_BYTES are unread, DRAIN_S at most (a stream or not:
+        a client spamming `describe` without reading is cut off too)."""
+        try:
+            await asyncio.wait_for(self.writer.drain(), DRAIN_S)
+        except TimeoutError:
+            raise WyomingFailure(NOT_READING, "the client is not reading what it was sent",
+                                 Close.POLICY) from None
 
     async def _start(self) -> None:
         stream = WyomingStream(self.writer, self.language, self.server.eot)
@@ -333,7 +368,7 @@ class WyomingConnection:
         self.write(TranscriptStart(language=self.language).event())
 
     async def _cut(self, code: int, reason: str) -> None:
-        self.writer.close()
+        close_soon(self.writer.transport)
 
     async def _chunk(self, event: Event) -> None:
         assert self.stream is not None and self.stream.session is not None
@@ -383,8 +418,11 @@ class WyomingConnection:
         if self._interrupted is not None:
             self._interrupted.cancel()
             self._interrupted = None
-        if stream is not None and stream.session is not None:
-            self.gateway.close(stream.session, ending)
+        if stream is not None:
+            stream.ended = True
+            self._quiet_from = self._loop.time()
+            if stream.session is not None:
+                self.gateway.close(stream.session, ending)
 
 
 class WyomingServer:
@@ -424,7 +462,7 @@ class WyomingServer:
             # Wyoming carries no token: with auth_tokens set, only listed addresses get in.
             log.warning("wyoming_refused", peer=peer, reason="auth_tokens is set and this address is not "
                                                                 "in wyoming_allow")
-            writer.close()
+            close_soon(writer.transport)
             return
         task = asyncio.current_task()
         assert task is not None
@@ -432,6 +470,9 @@ class WyomingServer:
         self.connections[task] = connection
         try:
             await connection.run()
+        except Exception:  # a bug: one log line with its traceback, and the connection ends
+            log.exception("wyoming_handler_failed", peer=peer)
+            writer.transport.abort()
         finally:
             self.connections.pop(task, None)
 
