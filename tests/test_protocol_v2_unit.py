@@ -77,7 +77,7 @@ def test_v2_renders_words_and_one_end_of_turn_per_turn() -> None:
 
 
 def test_v2_keeps_events_for_a_resume_and_says_when_it_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
-    proto = V2Protocol(dataclasses.replace(INFO, resume_token="secret", resume_keep_s=60))
+    proto = V2Protocol(dataclasses.replace(INFO, resume_token="secret"))
     assert proto.opening()[0]["resume_token"] == "secret"
     for step in range(1, 6):
         proto.render([TextPiece(f" w{step}", 5, step)], step, 0)
@@ -87,7 +87,7 @@ def test_v2_keeps_events_for_a_resume_and_says_when_it_cannot(monkeypatch: pytes
     assert proto.replay(5) == []
     assert proto.resumed()["samples"] == 480 and proto.resumed()["last_seq"] == 5
     monkeypatch.setattr(v2, "MAX_REPLAY", 2)  # bounded: the oldest events go first
-    forgetful = V2Protocol(dataclasses.replace(INFO, resume_token="s", resume_keep_s=60))
+    forgetful = V2Protocol(dataclasses.replace(INFO, resume_token="s"))
     for step in range(1, 4):
         forgetful.render([TextPiece(f" x{step}", 5, step)], step, 0)
     assert forgetful.replay(0) is None  # event 1 is gone: a resume cannot be exact

@@ -47,8 +47,8 @@ def speech20(speech_clips: list[np.ndarray]) -> np.ndarray:
 class Phone:
     """A /v2 client that numbers what it heard and can lose its connection."""
 
-    def __init__(self, port: int, token: str = TOKENS[0]) -> None:
-        self.port, self.token = port, token
+    def __init__(self, port: int, token: str = TOKENS[0], rate: int = RATE) -> None:
+        self.port, self.token, self.rate = port, token, rate
         self.ws: ClientConnection | None = None
         self.events: list[dict[str, Any]] = []  # every numbered event, in arrival order
         self.others: list[dict[str, Any]] = []  # ready, resumed, closing, ...
@@ -70,7 +70,7 @@ class Phone:
         self.others.append(first)
         if first["type"] == "ready":
             self.resume_token = first["resume_token"]
-            await self.ws.send(json.dumps({"type": "start", "encoding": "s16", "sample_rate": RATE}))
+            await self.ws.send(json.dumps({"type": "start", "encoding": "s16", "sample_rate": self.rate}))
             self.others.append(json.loads(await self.ws.recv()))
         self._reader = asyncio.create_task(self._read(self.ws))
         return first
@@ -221,3 +221,86 @@ def test_an_expired_token_is_refused_and_the_slot_is_free(synthetic_dir: Path, s
         assert status["resumable"] == {"waiting": 0, "resumed": 0, "expired": 1}
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def short_grace(synthetic_dir: Path) -> Iterator[DaemonProcess]:
+    proc = DaemonProcess("--model", str(synthetic_dir), "--dtype", "f32", "--max-sessions", "2",
+                         "--resume-grace", "2")
+    yield proc
+    proc.stop()
+
+
+async def resume_until_taken(phone: Phone) -> tuple[dict[str, Any], list[int]]:
+    """Resume as the documented client does: after a 1013 (the old connection still finishing a
+    long message), try again a moment later."""
+    refusals: list[int] = []
+    while True:
+        resumed = await phone.resume()
+        if resumed["type"] == "resumed":
+            return resumed, refusals
+        assert phone.close is not None and phone.close[0] == 1013, phone.close
+        refusals.append(phone.close[0])
+        await asyncio.sleep(0.5)
+
+
+def test_a_resume_while_a_long_message_is_applied_keeps_the_session_past_the_grace(
+        short_grace: DaemonProcess, speech20: np.ndarray) -> None:
+    """The phone sends 16 s of audio in one message and its network drops at once; it resumes
+    while the daemon still applies that message (taking over, or told 1013 until the message is
+    applied). The session is its own again, and stays so past the old connection's grace."""
+    big = np.resize(speech20, 16 * 8000)  # at 8 kHz: ~200 engine steps, seconds on this machine
+
+    async def scenario() -> tuple[dict[str, Any], list[int], tuple[int, str] | None]:
+        phone = Phone(short_grace.port, token="", rate=8000)
+        await phone.open()
+        assert phone.ws is not None
+        await phone.ws.send(big.tobytes())
+        await asyncio.sleep(0.2)  # it arrived; the daemon is applying it
+        await phone.reset()
+        resumed, refusals = await resume_until_taken(phone)
+        assert phone.ws is not None
+        await phone.ws.send(json.dumps({"type": "flush", "id": "all-applied"}))
+        async with asyncio.timeout(120):  # the old connection has applied the whole message
+            while not any(e["type"] == "flushed" for e in phone.events):
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(3)  # past the 2 s grace of the connection that dropped
+        await phone.finish()
+        return resumed, refusals, phone.close
+
+    resumed, refusals, close = asyncio.run(scenario())
+    assert resumed["samples"] == len(big)  # the daemon took the whole message
+    assert close == (1000, "end of audio: transcript complete")
+    assert not short_grace.events("session_expired")
+    assert not short_grace.events("session_failed")
+
+
+def test_two_resumes_at_once_take_over_one_after_the_other(short_grace: DaemonProcess,
+                                                          speech20: np.ndarray) -> None:
+    """The phone's path changes twice in a row (Wi-Fi, then cellular): two resumes of one session
+    race. One takes over from the other; the survivor finishes with the whole transcript."""
+
+    async def scenario() -> tuple[int | None, list[tuple[int, str] | None], Phone]:
+        phone = Phone(short_grace.port, token="")
+        await phone.open()
+        await phone.send(speech20[: 3 * RATE])
+        await asyncio.sleep(0.5)
+        old = phone.go_silent()
+        twins = [Phone(short_grace.port, token="") for _ in range(2)]
+        for twin in twins:
+            twin.resume_token, twin.events = phone.resume_token, list(phone.events)
+        results = await asyncio.gather(*(resume_until_taken(twin) for twin in twins))
+        assert [r[0]["type"] for r in results] == ["resumed", "resumed"]
+        await asyncio.sleep(1)
+        losers = [twin for twin in twins if twin.close is not None]
+        [survivor] = [twin for twin in twins if twin.close is None]
+        await survivor.send(speech20[3 * RATE: 5 * RATE])
+        await survivor.finish()
+        old.transport.abort()
+        return old.close_code, [loser.close for loser in losers], survivor
+
+    old_code, losers, survivor = asyncio.run(scenario())
+    assert [code for code, _ in filter(None, losers)] == [4002]
+    assert survivor.close == (1000, "end of audio: transcript complete")
+    assert [e["seq"] for e in survivor.events] == list(range(1, len(survivor.events) + 1))
+    assert not short_grace.events("session_failed")

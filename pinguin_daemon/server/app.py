@@ -59,9 +59,6 @@ MAX_QUEUE = 16
 WRITE_LIMIT = 64 * 1024
 # A WebSocket handshake (TLS included) must complete within this many seconds.
 OPEN_TIMEOUT_S = 10.0
-# A resumable /v2 session keeps its numbered events at least this long (a client may notice a
-# dead connection late, then resume at once).
-MIN_REPLAY_KEEP_S = 30.0
 # Paths a connection past max_connections may still ask (the health reserve).
 HEALTH_PATHS = (HEALTH_PATH, READY_PATH, METRICS_PATH)
 
@@ -217,22 +214,23 @@ class Daemon:
                 await ws.close(Close.RESUME_UNKNOWN, "resume: resume_grace is 0 on this daemon")
                 return
             last_seq = query.get("last_seq", ["0"])[0]
-            if not last_seq.isdigit():
+            if not (last_seq.isascii() and last_seq.isdigit() and len(last_seq) <= 18):
                 await ws.close(Close.BAD_PAYLOAD, "resume: last_seq must be a non-negative integer")
                 return
             await resume_connection(self.gateway, ws, self.resumables, query["resume"][0], int(last_seq),
                                     owner)
             return
-        if path == OpenAIRealtimeProtocol.path:  # the SDK appends up to 15 MiB of base64 at once
-            ws.protocol.max_message_size = max(self.cfg.max_message_bytes, REALTIME_MAX_EVENT_BYTES)
+        # The SDK appends up to 15 MiB of base64 at once: allowed once the session has a slot.
+        big = None
+        if path == OpenAIRealtimeProtocol.path:
+            big = max(self.cfg.max_message_bytes, REALTIME_MAX_EVENT_BYTES)
         session_id = self.gateway.new_id()
         token = secrets.token_urlsafe(24) if path == "/v2" and self.resumables is not None else None
         info = SessionInfo(session_id, self.cfg.model, model.files.asr_delay_seconds,
                            model.asr_delay_steps, model.vad_heads, self.cfg.eot_head,
-                           self.cfg.eot_threshold, self.cfg.vad_interval, token,
-                           max(self.cfg.resume_grace, MIN_REPLAY_KEEP_S))
+                           self.cfg.eot_threshold, self.cfg.vad_interval, token)
         await serve_connection(self.gateway, ws, path, PROTOCOLS[path](info), session_id, self.metrics,
-                               self.resumables, token, owner)
+                               self.resumables, token, owner, big)
 
     def _connection_class(self) -> type[ServerConnection]:
         """websockets' connection, counted in the connection budget (past it: closed at once)."""

@@ -26,6 +26,8 @@ ADMISSION_WAIT_S = 1.0
 ADMISSION_POLL_S = 0.02
 # How often idle sessions are looked for.
 IDLE_CHECK_S = 0.25
+# How long a cut waits for a client's close handshake (all clients at once).
+CUT_CLOSE_S = 5.0
 # Ended normally (info in the log); anything else is a warning.
 CLEAN_CODES = (Close.NORMAL, Close.GOING_AWAY)
 
@@ -163,13 +165,19 @@ class Gateway:
     async def cut(self, code: int, reason: str) -> None:
         """End every open session now: its front end closes its client, its task is cancelled
         (which frees the slot)."""
-        for session in list(self.sessions.values()):
+        sessions = list(self.sessions.values())
+        for session in sessions:
             session.ending = session.ending or Ending(code, reason)
+
+        async def close_client(session: Session) -> None:
             if session.closer is not None:
                 try:
-                    await session.closer(code, reason)
-                except Exception:  # noqa: BLE001 - a client already gone
+                    await asyncio.wait_for(session.closer(code, reason), CUT_CLOSE_S)
+                except Exception:  # noqa: BLE001 - a client already gone, or not reading
                     pass
+
+        await asyncio.gather(*(close_client(session) for session in sessions))  # all at once
+        for session in sessions:
             if session.task is not None and session.task is not asyncio.current_task():
                 session.task.cancel()
             self.close(session)

@@ -118,8 +118,8 @@ class Session:
         self.loop.call_soon_threadsafe(self._deliver, events)
 
     def _deliver(self, events: list[Event]) -> None:
-        if events and isinstance(events[-1], SessionClosed):
-            return
+        if self.released or (events and isinstance(events[-1], SessionClosed)):
+            return  # (steps in flight when the session ended: its client has had its last words)
         self.stepped += 1
         self.advanced.set()
         self.words += sum(1 for e in events if isinstance(e, Word))

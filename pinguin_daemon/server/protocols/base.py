@@ -38,7 +38,6 @@ class SessionInfo:
     eot_threshold: float
     vad_interval: int
     resume_token: str | None = None  # /v2: the secret that resumes this session (None: not resumable)
-    resume_keep_s: float = 0.0  # /v2: how long sent events are kept for a replay
 
 
 # ---- commands a protocol extracts from client messages -------------------------------------

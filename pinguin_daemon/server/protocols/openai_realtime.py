@@ -63,6 +63,10 @@ DEFAULT_TURN_DETECTION: dict[str, Any] = {"type": "server_vad", "threshold": 0.5
 EAGERNESS = {"high": (0, 0.5), "medium": (1, 0.5), "auto": (1, 0.5), "low": (3, 0.5)}
 # The largest input_audio_buffer.append the SDK sends is 15 MiB of base64; with the JSON around it.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
+# What the daemon echoes of a client's event (its event_id, an unknown type) is cut to this many
+# characters, and a transcription setting (model, language, prompt) may be at most this long.
+MAX_ECHO = 256
+MAX_SETTING = 2048
 
 
 @dataclass(slots=True)
@@ -97,6 +101,7 @@ class OpenAIRealtimeProtocol(Protocol):
         self.appended = 0  # samples the client appended (24 kHz)
         self.buffer_start_s = 0.0  # where the audio not yet committed begins
         self.cleared_s = 0.0  # text for audio before this was discarded by input_audio_buffer.clear
+        self.speaking = False  # the voice detector hears speech (between started and stopped)
 
     @property
     def mode(self) -> str | None:
@@ -123,6 +128,10 @@ class OpenAIRealtimeProtocol(Protocol):
     def _error(self, code: str, message: str, event: dict[str, Any] | None = None,
                param: str | None = None) -> Reply:
         client_event = event.get("event_id") if isinstance(event, dict) else None
+        if not isinstance(client_event, str):
+            client_event = None
+        elif len(client_event) > MAX_ECHO:
+            client_event = client_event[:MAX_ECHO]
         return Reply([{"type": "error", "error": {"type": "invalid_request_error", "code": code,
                                                   "message": message, "param": param,
                                                   "event_id": client_event}}])
@@ -137,7 +146,7 @@ class OpenAIRealtimeProtocol(Protocol):
                                event, "turn_detection")
         if value["type"] == "semantic_vad":
             eagerness = value.get("eagerness", "auto")
-            if eagerness not in EAGERNESS:
+            if not isinstance(eagerness, str) or eagerness not in EAGERNESS:
                 return self._error("invalid_value", "eagerness must be low, medium, high or auto", event,
                                    "turn_detection.eagerness")
             if not self.info.vad_heads:
@@ -161,10 +170,18 @@ class OpenAIRealtimeProtocol(Protocol):
         self.vad_settings = VadSettings(float(threshold), int(padding), int(silence))
         return None
 
-    def _transcription(self, value: Any) -> None:
-        if isinstance(value, dict):
-            self.transcription = {k: v for k, v in value.items()
-                                  if k in ("model", "language", "prompt") and isinstance(v, str)}
+    def _transcription(self, value: Any, event: dict[str, Any], param: str) -> Reply | None:
+        """Take the transcription settings (echoed in every session.updated: each is bounded)."""
+        if not isinstance(value, dict):
+            return None
+        settings = {k: v for k, v in value.items()
+                    if k in ("model", "language", "prompt") and isinstance(v, str)}
+        for key, text in settings.items():
+            if len(text) > MAX_SETTING:
+                return self._error("string_above_max_length", f"{param}.{key} is at most {MAX_SETTING} "
+                                   "characters", event, f"{param}.{key}")
+        self.transcription = settings
+        return None
 
     def _update(self, event: dict[str, Any]) -> Command:
         session = event.get("session")
@@ -187,7 +204,10 @@ class OpenAIRealtimeProtocol(Protocol):
             problem = self._turn_detection(audio_in["turn_detection"], event)
             if problem is not None:
                 return problem
-        self._transcription(audio_in.get("transcription"))
+        problem = self._transcription(audio_in.get("transcription"), event,
+                                      "session.audio.input.transcription")
+        if problem is not None:
+            return problem
         return Reply([{"type": "session.updated", "session": self._session()}])
 
     def _beta_update(self, event: dict[str, Any]) -> Command:
@@ -202,7 +222,10 @@ class OpenAIRealtimeProtocol(Protocol):
             problem = self._turn_detection(session["turn_detection"], event)
             if problem is not None:
                 return problem
-        self._transcription(session.get("input_audio_transcription"))
+        problem = self._transcription(session.get("input_audio_transcription"), event,
+                                      "session.input_audio_transcription")
+        if problem is not None:
+            return problem
         self.beta = True
         return Reply([{"type": "transcription_session.updated", "session": self._beta_session()}])
 
@@ -244,7 +267,7 @@ class OpenAIRealtimeProtocol(Protocol):
             return [self._update(event)]
         if kind == "transcription_session.update":
             return [self._beta_update(event)]
-        return [self._error("unsupported_event", f"event type {kind!r} is not supported by a "
+        return [self._error("unsupported_event", f"event type {kind[:MAX_ECHO]!r} is not supported by a "
                             "transcription session: use session.update and input_audio_buffer.*", event)]
 
     # ---- turns ------------------------------------------------------------------------------
@@ -295,8 +318,15 @@ class OpenAIRealtimeProtocol(Protocol):
     def on_vad(self, events: list[VadEvent]) -> list[Any]:
         out: list[Any] = []
         for event in events:
-            if isinstance(event, SpeechStarted) and self.open is None:
-                turn = self._new_turn(event.audio_start_ms / 1000)
+            if isinstance(event, SpeechStarted):
+                self.speaking = True
+            elif isinstance(event, SpeechStopped):
+                self.speaking = False
+            if isinstance(event, SpeechStarted) and (self.open is None or not self.open.announced):
+                # (A turn opened unannounced, by speech going on past a turn's end, is this one.)
+                turn = self.open or self._new_turn(event.audio_start_ms / 1000)
+                if not turn.text:
+                    turn.start_s = event.audio_start_ms / 1000
                 turn.announced = True
                 self.open = turn
                 out.append({"type": "input_audio_buffer.speech_started",
@@ -318,16 +348,17 @@ class OpenAIRealtimeProtocol(Protocol):
         for event in events:
             if isinstance(event, TextPiece):
                 at = self.clock(time_of(event.step, self.info.delay_steps))
-                if at < self.cleared_s:
-                    continue  # audio the client cleared
                 ending = self.ending_turn
                 if ending is not None and at < (ending.end_s or 0.0):
-                    out += self._delta(ending, event.text)
+                    out += self._delta(ending, event.text)  # (its speech had ended: a clear spares it)
+                elif at < self.cleared_s:
+                    continue  # audio the client cleared
                 elif self.open is not None:
                     out += self._delta(self.open, event.text)
                 elif self.mode is None:  # no turn detection: one turn until the commit
                     self.open = self._new_turn(self.buffer_start_s)
-                    out += self._delta(self.open, event.text)
+                    out += self._delta(self.open, self.pending + event.text)
+                    self.pending = ""
                 else:
                     self.pending += event.text
             elif isinstance(event, EndOfTurnProbs) and self.mode == "semantic_vad":
@@ -338,6 +369,7 @@ class OpenAIRealtimeProtocol(Protocol):
                     turn, self.open = self.open, None
                     end_s = self.clock(time_of(event.step, self.info.delay_steps))
                     out += self._stopped(turn, end_s) + self._complete(turn, end_s)
+                    self._speech_goes_on(end_s)
         decoded_to = self.clock(time_of(step, self.info.delay_steps))
         ending = self.ending_turn
         if ending is not None and decoded_to >= (ending.end_s or 0.0):
@@ -356,13 +388,36 @@ class OpenAIRealtimeProtocol(Protocol):
         self.open = None
         out += self._delta(turn, self.pending)
         self.pending = ""
-        return out + self._complete(turn, end_s)
+        out += self._complete(turn, end_s)
+        self._speech_goes_on(end_s)
+        return out
+
+    def _speech_goes_on(self, end_s: float) -> None:
+        """A turn ended (the model's end of turn, a commit) while the voice goes on: what follows
+        is the next turn's, at once (announced with speech_started when the voice starts again)."""
+        if self.speaking and self.mode is not None:
+            self.open = self._new_turn(end_s)
+
+    def _finish_turns(self) -> list[Any]:
+        """Closing while the client still listens: the turns with text are completed."""
+        out: list[Any] = []
+        end_s = self.appended / SAMPLE_RATE
+        if self.ending_turn is not None:
+            turn, self.ending_turn = self.ending_turn, None
+            out += self._complete(turn, turn.end_s or end_s)
+        turn, self.open = self.open or self._new_turn(self.buffer_start_s), None
+        out += self._delta(turn, self.pending)
+        self.pending = ""
+        if turn.text:
+            out += self._complete(turn, end_s)
+        return out
 
     def closing(self, code: int, reason: str, error: str | None) -> list[Any]:
-        if error is None:
-            return []
-        return [{"type": "error", "error": {"type": "invalid_request_error", "code": error,
-                                            "message": reason, "param": None, "event_id": None}}]
+        out = self._finish_turns()
+        if error is not None:
+            out.append({"type": "error", "error": {"type": "invalid_request_error", "code": error,
+                                                   "message": reason, "param": None, "event_id": None}})
+        return out
 
     def wire(self, items: list[Any]) -> list[str | bytes]:
         return [json.dumps({"event_id": f"event_{next(self._event_ids)}", **item}, ensure_ascii=False)

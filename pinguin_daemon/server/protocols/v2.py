@@ -4,7 +4,6 @@ s16 at any rate from 8 to 48 kHz."""
 from __future__ import annotations
 
 import json
-import time
 from collections import deque
 from typing import Any
 
@@ -28,9 +27,11 @@ from .base import (
     time_of,
 )
 
-# Numbered events kept for a resumed connection to replay, at most (with resume_keep_s, whichever
-# keeps fewer): minutes of dictation.
+# Numbered events kept for a resumed connection to replay: the last this many (minutes of
+# dictation; a few MB at most).
 MAX_REPLAY = 10_000
+# The longest flush id (characters): `flushed` echoes it.
+MAX_FLUSH_ID = 256
 # Pause each end-of-turn head predicts (s): the silence detector waits as long for the same head.
 HEAD_PAUSES_MS = (500, 1000, 2000, 3000)
 # How a session detects the end of a turn: the model's heads, silence on the audio, or not at all.
@@ -62,7 +63,7 @@ class V2Protocol(Protocol):
         self._set_turn_detection("model" if info.vad_heads else "silence")
         self._silence_end: float | None = None  # where silence ended a turn (its words may lag)
         self.seq = 0  # the last event number given
-        self._kept: deque[tuple[int, float, dict[str, Any]]] = deque()  # (seq, when, event)
+        self._kept: deque[tuple[int, dict[str, Any]]] = deque()  # (seq, event)
 
     def _ready(self) -> dict[str, Any]:
         ready = {"type": "ready", "session_id": self.info.session_id, "model": self.info.model,
@@ -81,15 +82,15 @@ class V2Protocol(Protocol):
 
     def _number(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Give transcript and state events their `seq` and keep them for a replay."""
-        now = time.monotonic()
         for item in items:
             if item["type"] in NUMBERED:
                 self.seq += 1
                 item["seq"] = self.seq
                 if self.info.resume_token is not None:
-                    self._kept.append((self.seq, now, item))
-        while self._kept and (len(self._kept) > MAX_REPLAY
-                              or now - self._kept[0][1] > self.info.resume_keep_s):
+                    self._kept.append((self.seq, item))
+        # The last MAX_REPLAY, however old: a connection can drop while a long message is applied
+        # (no client acknowledges events). Each is small (a flush id is at most MAX_FLUSH_ID).
+        while len(self._kept) > MAX_REPLAY:
             self._kept.popleft()
         return items
 
@@ -100,7 +101,7 @@ class V2Protocol(Protocol):
             return []
         if len(self._kept) < missing:
             return None
-        return [item for seq, _, item in list(self._kept)[-missing:]]
+        return [item for _, item in list(self._kept)[-missing:]]
 
     def resumed(self) -> dict[str, Any]:
         """What a resumed connection hears first: where to send audio from, and the last event."""
@@ -139,6 +140,7 @@ class V2Protocol(Protocol):
                           "bad_start")
         self.encoding, self.sample_rate, self.vad_interval = encoding, rate, interval
         self._set_turn_detection(turns)
+        self._resampler = None  # (a second start may change the rate back to 24 kHz)
         if rate != SAMPLE_RATE:
             import soxr
 
@@ -175,7 +177,13 @@ class V2Protocol(Protocol):
         if kind == "start":
             return [self._start(msg)]
         if kind == "flush":
-            return [FlushIn(msg.get("id"))]
+            flush_id = msg.get("id")
+            if not (flush_id is None or isinstance(flush_id, (int, float, str))) or (
+                    isinstance(flush_id, str) and len(flush_id) > MAX_FLUSH_ID):
+                # Every `flushed` echoes it and is kept for a resume: it stays small.
+                return [Reject(Close.BAD_PAYLOAD, f"flush: id must be a string of at most {MAX_FLUSH_ID} "
+                               "characters, a number or null", "bad_flush")]
+            return [FlushIn(flush_id)]
         if kind == "finish":
             return [FinishIn()]
         return [Reject(Close.UNSUPPORTED, f"unknown message type {kind!r}: use start, flush or finish",
