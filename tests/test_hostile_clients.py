@@ -146,6 +146,33 @@ def test_a_client_that_stops_reading_is_closed_with_1008(daemon: DaemonProcess) 
     assert reason.startswith("client is not reading: over ")
 
 
+def test_a_client_that_never_reads_again_loses_its_session_and_its_connection(daemon: DaemonProcess) -> None:
+    """Its close frame can never leave: the session ends at once anyway, and the connection is
+    aborted (it would otherwise hold its place in the connection budget for good)."""
+    start = json.dumps({"type": "start", "encoding": "f32", "sample_rate": 24000})
+
+    async def scenario() -> dict[str, Any]:
+        async with connect(ws_url(daemon, "/v2"), sock=not_reading_socket(daemon.port),
+                           max_queue=1, max_size=None, close_timeout=0.1) as ws:
+            before = len(daemon.events("client_not_reading"))
+            while len(daemon.events("client_not_reading")) == before:
+                try:
+                    for _ in range(500):
+                        await ws.send(start)
+                except ConnectionClosed:
+                    break
+                await asyncio.sleep(0.01)
+            async with asyncio.timeout(30):  # meanwhile the client reads nothing at all
+                while True:
+                    status = json.loads(http_get(daemon.port, "/status")[1])
+                    if status["sessions"] == 0 and status["connections"] == 1:  # (this request)
+                        return status
+                    await asyncio.sleep(0.2)
+
+    status = asyncio.run(scenario())
+    assert status["free_slots"] == SLOTS
+
+
 def test_a_flush_id_is_echoed_up_to_256_characters_and_refused_beyond(daemon: DaemonProcess) -> None:
     silence = np.zeros(4800, "<f4").tobytes()
     fits = {"type": "flush", "id": "é" * 256}
